@@ -1,0 +1,66 @@
+"""loss.py — the flow-matching objective as a per-element map, and the motion-reinforced weights.
+
+Flow matching conventions (rectified flow): t = 0 is data, t = 1 is noise,
+
+    x_t = (1 - t) * x_0 + t * eps,        v = dx_t/dt = eps - x_0        (the model predicts v)
+
+Each frame has its own t (model.py). A training clip of T frames gets a random context length
+k in 1..T-1: frames < k are clean (t = 0) and frames >= k get independent noise levels. So the
+model learns both "next frame from clean history" (frame k, what frame-by-frame rollout needs)
+and "several frames at once, from noisy neighbours" (what whole-horizon generation needs).
+
+Motion-reinforced loss (method.md §2), our exact form. For frame i >= 1 of the ground truth:
+
+    d_i(p)  = mean over channels and over the pixels of grid cell p of |x_i - x_{i-1}|
+    s_i(p)  = min( n * softmax_p(d_i / temp), s_max )          n = number of grid cells
+    w_i(p)  = (1 + c * s_i(p)) / mean_p(1 + c * s_i(p))
+
+A frame with no motion gets w = 1 everywhere (softmax is uniform, s = 1); where pixels change
+the weight rises; the clamp s_max keeps a few cells from taking weights near n (method.md §5
+saw that destabilise training) and the normalisation keeps each frame's mean weight at 1, so c
+trades static detail against dynamics without changing the loss scale. c = 0 turns it off.
+The weights are constants (no gradient) computed on ground-truth pixels, on the loss's grid
+(the DiT's patches here; the tokenizer's cells for a token model).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def motion_weights(frames, cell, c=1.0, temp=0.05, s_max=8.0):
+    """frames (B, T, C, H, W) ground truth in [-1, 1] -> weights (B, T, H/cell, W/cell); frame 0 gets 1."""
+    B, T, C, H, W = frames.shape
+    with torch.no_grad():
+        diff = (frames[:, 1:] - frames[:, :-1]).abs().mean(2) / 2            # (B, T-1, H, W) in [0, 1]
+        d = F.avg_pool2d(diff.reshape(-1, 1, H, W), cell).reshape(B, T - 1, -1)   # (B, T-1, n)
+        n = d.shape[-1]
+        s = (n * torch.softmax(d / temp, -1)).clamp(max=s_max)
+        w = 1 + c * s
+        w = w / w.mean(-1, keepdim=True)
+        w = torch.cat([torch.ones_like(w[:, :1]), w], 1)                       # (B, T, n)
+    return w.reshape(B, T, H // cell, W // cell)
+
+
+def noise_levels(B, T, device, generator=None):
+    """(B, T) per-frame noise levels: a clean prefix of random length k in 1..T-1, then independent U(0, 1)."""
+    k = torch.randint(1, T, (B, 1), device=device, generator=generator)
+    t = torch.rand(B, T, device=device, generator=generator)
+    return torch.where(torch.arange(T, device=device) < k, torch.zeros_like(t), t)
+
+
+def flow_matching_loss(model, frames, actions=None, motion_c=1.0, motion_temp=0.05, cell=4, generator=None):
+    """Motion-weighted flow-matching loss of `model` on a batch of clips.
+
+    frames (B, T, C, H, W) in [-1, 1]; actions as the model takes them, or None.
+    Returns the scalar loss, averaged over the frames being denoised (t > 0)."""
+    B, T = frames.shape[:2]
+    tau = noise_levels(B, T, frames.device, generator)
+    eps = torch.randn(frames.shape, device=frames.device, generator=generator)
+    t = tau[:, :, None, None, None]
+    x_t = (1 - t) * frames + t * eps
+    v = model(x_t, tau, actions)
+    per = (v.float() - (eps - frames)).pow(2).mean(2)                           # (B, T, H, W) per-element loss
+    per = F.avg_pool2d(per, cell)                                              # (B, T, H/cell, W/cell) on the grid
+    w = motion_weights(frames, cell, motion_c, motion_temp) if motion_c > 0 else torch.ones_like(per)
+    per_frame = (per * w).mean((2, 3))                                         # (B, T)
+    denoised = (tau > 0).float()
+    return (per_frame * denoised).sum() / denoised.sum()

@@ -1,0 +1,169 @@
+"""sample.py — the flow-matching sampler, batched rollouts, GIFs, and loading a model from its checkpoint.
+
+    python sample.py --ckpt out/ckpt.pt --out rollout.gif
+
+writes held-out episodes as a GIF, one row per episode: the ground truth, the model's rollout under
+the recorded actions, and its rollout under another episode's actions. The checkpoint is all it
+needs: the model is rebuilt from the config stored inside, and the held-out episodes are
+regenerated from the data config stored there too.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from data import DataConfig, UserError, load_corpus, run_cli, to_uint8, WORLDS
+from model import BACKBONES, pick_device
+from adapter import WorldModel
+
+CKPT_FORMAT = "nanoworld-1"
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler
+
+@torch.no_grad()
+def denoise(model, history, actions, n_new, steps=4, generator=None):
+    """Euler integration of dx/dt = v from t = 1 (noise) to t = 0 (data) for n_new frames after a clean history.
+
+    history (B, h, C, S, S) clean frames; actions (B, h + n_new, ...) lead into each frame.
+    Returns the n_new new frames, (B, n_new, C, S, S)."""
+    B, h = history.shape[:2]
+    x = torch.randn((B, n_new) + history.shape[2:], device=history.device, generator=generator)
+    ts = torch.linspace(1, 0, steps + 1, device=history.device)
+    for i in range(steps):
+        tau = torch.cat([torch.zeros(B, h, device=x.device), torch.full((B, n_new), float(ts[i]), device=x.device)], 1)
+        v = model(torch.cat([history, x], 1), tau, actions)[:, h:].float()
+        x = x + (ts[i + 1] - ts[i]) * v
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def rollout(model, context, actions, steps=4, chunk=1, generator=None):
+    """Roll the world forward from context frames under a sequence of actions: the world model as a batched env.
+
+    context (B, k, C, S, S) in [-1, 1]; actions (B, k + H, ...) where actions[:, i] leads into frame i
+    (those of the context frames included). Frames are generated `chunk` at a time (1 = frame by
+    frame), each chunk seeing at most clip_len - chunk earlier frames. Returns (B, H, C, S, S)."""
+    window = model.backbone.cfg.clip_len
+    k, H = context.shape[1], actions.shape[1] - context.shape[1]
+    if H < 1:
+        raise UserError(f"actions must cover the context ({k} frames) and at least one new frame; got {actions.shape[1]}")
+    if not 1 <= chunk < window:
+        raise UserError(f"chunk must be in 1..{window - 1} for a model with clip_len {window}")
+    frames = context
+    actions = actions.to(context.device)
+    while frames.shape[1] < k + H:
+        n = min(chunk, k + H - frames.shape[1])
+        hist = frames[:, -(window - n):]
+        t0 = frames.shape[1] - hist.shape[1]
+        new = denoise(model, hist, actions[:, t0:t0 + hist.shape[1] + n], n, steps, generator)
+        frames = torch.cat([frames, new], 1)
+    return frames[:, k:]
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+def build_model(ck):
+    """A WorldModel from a checkpoint's description (backbone, its config, adapter, action spec)."""
+    cls, cfg_cls = BACKBONES[ck["backbone"]]
+    return WorldModel(cls(cfg_cls(**ck["model_args"])), ck["adapter"], ck["spec"])
+
+
+def read_checkpoint(path):
+    """Load a checkpoint dict on the CPU, or raise a UserError that says what is wrong with it."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at '{path}': train one with `python train.py` or fix --ckpt")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
+                        f"corrupted: point --ckpt at another file or retrain") from None
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise UserError(f"'{path}' is not a nanoworld checkpoint (format {CKPT_FORMAT})")
+    if ck["backbone"] not in BACKBONES:
+        raise UserError(f"'{path}' holds a '{ck['backbone']}' backbone, which this version cannot build")
+    return ck
+
+
+def load_model(path, device="cpu", ema=True):
+    """-> (WorldModel with the checkpoint's EMA weights (or raw ones), the checkpoint dict)."""
+    ck = read_checkpoint(path)
+    model = build_model(ck)
+    model.load_state_dict(ck["ema" if ema else "model"])
+    return model.to(device).eval(), ck
+
+
+# ----------------------------------------------------------------------------------------------
+# pictures
+
+def save_gif(path, columns, labels, scale=4, ms=200):
+    """Write a GIF: columns is a list of uint8 videos (B, T, S, S, 3), shown side by side, one row per clip."""
+    from PIL import Image, ImageDraw
+    B, T, S = columns[0].shape[:3]
+    pad, head = 2, 12
+    W = len(columns) * (S * scale + pad) + pad
+    Hh = head + B * (S * scale + pad) + pad
+    frames = []
+    for t in range(T):
+        img = Image.new("RGB", (W, Hh), (255, 255, 255))
+        d = ImageDraw.Draw(img)
+        for j, (col, lab) in enumerate(zip(columns, labels)):
+            x0 = pad + j * (S * scale + pad)
+            d.text((x0 + 2, 1), lab, fill=(0, 0, 0))
+            for b in range(B):
+                tile = Image.fromarray(col[b, min(t, col.shape[1] - 1)]).resize((S * scale, S * scale), Image.NEAREST)
+                img.paste(tile, (x0, head + pad + b * (S * scale + pad)))
+        d.text((W - 40, 1), f"t={t}", fill=(120, 120, 120))
+        frames.append(img)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms, loop=0)
+
+
+def heldout_clips(ck, n, length, seed=0):
+    """n held-out clips of `length` frames from the checkpoint's own action-labelled corpus."""
+    from data import ClipSampler
+    data = load_corpus(DataConfig(**ck["data"]), labelled=True, progress=False)
+    sampler = ClipSampler(data.test, length, seed)
+    e = np.arange(len(sampler.ok))[:n] % len(sampler.ok)
+    return sampler.clips(sampler.ok[e], np.ones(len(e), np.int64))
+
+
+def compare_gif(model, ck, path, n=4, horizon=16, steps=4, seed=0, device="cpu"):
+    """GIF of n held-out episodes: ground truth | rollout under recorded actions | under another episode's actions."""
+    k = model.backbone.cfg.clip_len - 1
+    clips = heldout_clips(ck, n, k + horizon)
+    x, a = clips["frames"].to(device), clips["actions"].to(device)
+    other = torch.cat([a[:, :k], a.roll(1, 0)[:, k:]], 1)
+    g = lambda: torch.Generator(device).manual_seed(seed)
+    pred = rollout(model, x[:, :k], a, steps, generator=g())
+    pred_other = rollout(model, x[:, :k], other, steps, generator=g())
+    ctx = to_uint8(x[:, :k])
+    vids = [to_uint8(x)] + [np.concatenate([ctx, to_uint8(p)], 1) for p in (pred, pred_other)]
+    save_gif(path, vids, ["truth", "model", "other acts"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--out", default="rollout.gif", help="the GIF to write")
+    p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
+    p.add_argument("--horizon", type=int, default=16, help="frames to roll out after the context")
+    p.add_argument("--steps", type=int, default=4, help="Euler steps per frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args()
+    device, _, why = pick_device(a.device)
+    model, ck = load_model(a.ckpt, device)
+    L = ck["data"]["episode_len"] + 1 - model.backbone.cfg.clip_len
+    if not 1 <= a.horizon <= L:
+        raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")
+    if not a.out.lower().endswith(".gif"):
+        raise UserError(f"--out should name a .gif file; got '{a.out}'")
+    compare_gif(model, ck, a.out, a.n, a.horizon, a.steps, a.seed, device)
+    print(f"wrote {a.out}: {a.n} held-out '{ck['data']['env']}' episodes, {a.horizon} frames ({why})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,287 @@
+"""test_all.py — the test suite: `python -m pytest -q test_all.py` (CPU, a few minutes)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data import DataConfig, UserError, WORLDS, generate_episodes, locate_agent, make_world
+from model import DiT, DiTConfig
+from adapter import WorldModel
+from loss import flow_matching_loss, motion_weights
+from sample import read_checkpoint, rollout
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = DiTConfig(size=16, patch=4, clip_len=3, width=32, depth=2, heads=2)
+SPECS = {"coin": dict(discrete=True, n_actions=5, action_dim=0), "pusher": dict(discrete=False, n_actions=0, action_dim=2)}
+TINY_FLAGS = ["--size", "16", "--width", "32", "--depth", "2", "--heads", "2", "--batch_size", "8", "--n_free", "24",
+              "--n_labelled", "24", "--horizon", "3", "--eval_clips", "4", "--log_interval", "2"]
+
+
+def actions_for(spec, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if spec["discrete"]:
+        return torch.randint(0, spec["n_actions"], (B, T), generator=g)
+    return torch.rand(B, T, spec["action_dim"], generator=g) * 2 - 1
+
+
+def trained_backbone(steps=10):
+    """A small DiT whose weights have moved away from their (partly zero) initialisation."""
+    torch.manual_seed(0)
+    bb = DiT(SMALL)
+    opt = torch.optim.Adam(bb.parameters(), 1e-2)
+    x = torch.rand(4, 3, 3, 16, 16) * 2 - 1
+    for _ in range(steps):
+        loss = flow_matching_loss(WorldModel(bb), x)
+        opt.zero_grad(); loss.backward(); opt.step()
+    return bb
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd or HERE, capture_output=True, text=True, timeout=600)
+
+
+# ----------------------------------------------------------------------------------------------
+# worlds and data
+
+@pytest.mark.parametrize("name", list(WORLDS))
+def test_world_is_deterministic_and_state_round_trips(name):
+    w1, w2 = make_world(name, num=3, seed=1), make_world(name, num=3, seed=1)
+    o1, _ = w1.reset(); o2, _ = w2.reset()
+    assert o1.dtype == np.uint8 and o1.shape == (3, 32, 32, 3) and np.array_equal(o1, o2)
+    rng = np.random.default_rng(0)
+    acts = [w1.random_action(rng) for _ in range(20)]
+    for a in acts[:10]:
+        w1.step(a); w2.step(a)
+    saved = w1.get_state()
+    after = [w1.step(a) for a in acts[10:]]
+    w2.set_state(saved)
+    again = [w2.step(a) for a in acts[10:]]
+    for (oa, ra, ta, *_), (ob, rb, tb, *_) in zip(after, again):
+        assert np.array_equal(oa, ob) and np.array_equal(ra, rb) and np.array_equal(ta, tb)
+    assert len({o.tobytes() for o, *_ in after}) > 1                    # the world actually moves
+
+
+@pytest.mark.parametrize("name", list(WORLDS))
+def test_agent_position_is_readable_and_follows_actions(name):
+    w = make_world(name, num=4, size=64, seed=0)
+    w.reset()
+    right = np.full(4, 4) if w.discrete else np.tile([[1.0, 0.0]], (4, 1)).astype(np.float32)
+    p0, f0 = locate_agent(w.render(), w.agent_size)
+    w.step(right)
+    p1, f1 = locate_agent(w.render(), w.agent_size)
+    assert f0.all() and f1.all()
+    assert np.all(p1[:, 0] >= p0[:, 0]) and np.any(p1[:, 0] > p0[:, 0] + 2)
+    # a frame without the agent is reported as not found, not as position (0, 0)
+    _, found = locate_agent(np.zeros((2, 32, 32, 3), np.uint8), w.agent_size)
+    assert not found.any()
+
+
+def test_bad_actions_and_names_are_user_errors():
+    w = make_world("coin", num=2); w.reset()
+    with pytest.raises(UserError, match="shape"):
+        w.step(np.zeros(3, int))
+    with pytest.raises(UserError, match=r"\[0, 5\)"):
+        w.step(np.array([0, 7]))
+    with pytest.raises(UserError, match="unknown world"):
+        make_world("no_such_world")
+    p = make_world("pusher", num=2); p.reset()
+    with pytest.raises(UserError, match="size 2"):
+        p.step(np.zeros((2, 3), np.float32))
+
+
+def test_episodes_have_the_documented_layout():
+    ep = generate_episodes(DataConfig(env="pusher", size=16, episode_len=10), 5, seed=0)
+    assert ep["frames"].shape == (5, 11, 16, 16, 3) and ep["actions"].shape == (5, 10, 2)
+    assert ep["rewards"].shape == (5, 10) and (ep["lengths"] <= 11).all()
+    assert np.abs(ep["actions"]).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# the backbone and the adapter
+
+@pytest.mark.parametrize("adapter", ["film", "input", "none"])
+@pytest.mark.parametrize("world", list(SPECS))
+def test_shapes(adapter, world):
+    m = WorldModel(DiT(SMALL), adapter, SPECS[world])
+    x, tau = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3)
+    assert m(x, tau, actions_for(SPECS[world], 2, 3)).shape == x.shape
+    assert m(x[:, :2], tau[:, :2], actions_for(SPECS[world], 2, 2)).shape == (2, 2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("adapter", ["film", "input"])
+@pytest.mark.parametrize("world", list(SPECS))
+def test_attached_adapter_leaves_a_trained_backbone_unchanged(adapter, world):
+    bb = trained_backbone()
+    x, tau = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3)
+    with torch.no_grad():
+        before = bb(x, tau)
+        after = WorldModel(bb, adapter, SPECS[world])(x, tau, actions_for(SPECS[world], 2, 3))
+    assert before.abs().mean() > 1e-3                                  # the backbone is not trivially zero
+    assert torch.equal(before, after)
+
+
+def test_adapter_changes_output_once_trained_and_is_per_frame():
+    """After a step of training the adapter does respond to actions, and only in the frame they lead into."""
+    m = WorldModel(trained_backbone(), "film", SPECS["coin"])
+    opt = torch.optim.Adam(m.adapter.parameters(), 1e-2)
+    x = torch.rand(4, 3, 3, 16, 16) * 2 - 1
+    for _ in range(3):
+        loss = flow_matching_loss(m, x, actions_for(SPECS["coin"], 4, 3))
+        opt.zero_grad(); loss.backward(); opt.step()
+    a = torch.zeros(2, 3, dtype=torch.long)
+    b = a.clone(); b[:, 2] = 4                                          # change only the action into frame 2
+    with torch.no_grad():
+        tau = torch.full((2, 3), 0.5)
+        ya, yb = m(x[:2], tau, a), m(x[:2], tau, b)
+    assert torch.equal(ya[:, :2], yb[:, :2])                            # earlier frames never see a later action
+    assert not torch.allclose(ya[:, 2], yb[:, 2])
+
+
+def test_causality_later_frames_do_not_change_earlier_outputs():
+    m = WorldModel(trained_backbone(), "film", SPECS["coin"]).eval()
+    x, tau, a = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3), actions_for(SPECS["coin"], 2, 3)
+    x2, tau2 = x.clone(), tau.clone()
+    x2[:, 2] = torch.randn(2, 3, 16, 16); tau2[:, 2] = 0.9
+    with torch.no_grad():
+        y, y2 = m(x, tau, a), m(x2, tau2, a)
+    assert torch.allclose(y[:, :2], y2[:, :2], atol=1e-6)
+    assert not torch.allclose(y[:, 2], y2[:, 2])
+
+
+def test_wrong_action_shapes_are_user_errors():
+    m = WorldModel(DiT(SMALL), "film", SPECS["coin"])
+    x, tau = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3)
+    with pytest.raises(UserError, match="discrete actions of shape"):
+        m(x, tau, torch.zeros(2, 3, 2))
+    with pytest.raises(UserError, match=r"\[0, 5\)"):
+        m(x, tau, torch.full((2, 3), 9))
+    mp = WorldModel(DiT(SMALL), "film", SPECS["pusher"])
+    with pytest.raises(UserError, match="continuous actions of shape"):
+        mp(x, tau, torch.zeros(2, 3, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss and the sampler
+
+def test_motion_weights_uniform_without_motion_and_peaked_where_pixels_change():
+    still = torch.rand(1, 1, 3, 16, 16).expand(2, 3, 3, 16, 16) * 2 - 1
+    w = motion_weights(still, 4)
+    assert w.shape == (2, 3, 4, 4) and torch.allclose(w, torch.ones_like(w))
+    moving = still.clone()
+    moving[:, 2, :, 0:4, 8:12] = -moving[:, 2, :, 0:4, 8:12] + 0.5       # one cell changes in frame 2
+    w = motion_weights(moving, 4, c=1.0)
+    assert torch.allclose(w[:, :2], torch.ones_like(w[:, :2]))
+    assert w[0, 2, 0, 2] == w[0, 2].max() and w[0, 2, 0, 2] > 2 * w[0, 2, 3, 3]
+    assert torch.allclose(w[:, 2].mean((1, 2)), torch.ones(2))        # the mean weight of a frame stays 1
+    assert w.max() <= 8.0 + 1e-5                                        # bounded
+
+
+def test_sampler_recovers_a_known_answer():
+    """For data that is one fixed frame x*, the exact velocity is v(x_t, t) = (x_t - x*) / t: Euler lands on x*."""
+    target = torch.rand(2, 1, 3, 16, 16) * 2 - 1
+
+    class Oracle(torch.nn.Module):
+        backbone = DiT(DiTConfig(size=16, patch=4, clip_len=2, width=8, depth=1, heads=1))
+
+        def forward(self, x, tau, actions=None):
+            t = tau[:, :, None, None, None].clamp(min=1e-6)
+            return torch.where(t > 1e-5, (x - target.expand_as(x)) / t, torch.zeros_like(x))
+
+    ctx = torch.zeros(2, 1, 3, 16, 16)
+    out = rollout(Oracle(), ctx, torch.zeros(2, 4, dtype=torch.long), steps=3)
+    assert out.shape == (2, 3, 3, 16, 16)
+    assert torch.allclose(out, target.expand_as(out), atol=1e-5)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    m = WorldModel(DiT(SMALL), "film", SPECS["coin"])
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    x, a = torch.rand(4, 3, 3, 16, 16) * 2 - 1, actions_for(SPECS["coin"], 4, 3)
+    losses = []
+    for _ in range(150):
+        loss = flow_matching_loss(m, x, a, generator=torch.Generator().manual_seed(0))   # same noise every step
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts end to end
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run of the whole recipe, shared by the end-to-end tests."""
+    d = tmp_path_factory.mktemp("run")
+    r = run("train.py", "--out", str(d / "out"), "--data_dir", str(d / "data"), "--max_iters", "3", *TINY_FLAGS)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+def test_train_writes_checkpoints_metrics_and_gif(tiny_run):
+    out = tiny_run / "out"
+    m = json.load(open(out / "metrics.json"))
+    for k in ("psnr", "ssim", "psnr_shuffled", "psnr_copy_last", "pos_err", "pos_err_shuffled", "horizon",
+              "train_seconds", "device"):
+        assert k in m
+    assert m["horizon"] == 3 and np.isfinite(m["psnr"]) and np.isfinite(m["psnr_copy_last"])
+    for f in ("pretrain.pt", "ckpt.pt", "rollout.gif", "train.log"):
+        assert (out / f).exists()
+    ck = read_checkpoint(str(out / "ckpt.pt"))
+    assert ck["adapter"] == "film" and ck["step"] == 3 and ck["config"]["env"] == "coin"
+    assert {"model", "ema", "optimizer", "rng", "sampler"} <= set(ck)
+
+
+def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_path):
+    from PIL import Image
+    ckpt = tiny_run / "out" / "ckpt.pt"
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gif"), "--horizon", "4",
+            cwd=str(tiny_run))                                           # run where the data cache is
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "x.gif").n_frames > 1
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    common = ["--stage", "scratch", "--env", "pusher", "--data_dir", str(tmp_path / "data"), *TINY_FLAGS]
+    assert run("train.py", "--out", str(tmp_path / "a"), "--max_iters", "6", *common).returncode == 0
+    assert run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "3", *common).returncode == 0
+    r = run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "6", "--resume", *common)
+    assert r.returncode == 0 and "resumed scratch" in r.stdout, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    assert b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_path):
+    def bad(*args, match):
+        r = run(*args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    bad("train.py", "--env", "no_such_world", "--out", str(tmp_path / "x"), match="unknown world")
+    bad("train.py", "--backbone", "nosuch", "--out", str(tmp_path / "x"), match="unknown backbone")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(5000))
+    bad("sample.py", "--ckpt", str(junk), "--out", str(tmp_path / "y.gif"), match="not a readable checkpoint")
+    bad("sample.py", "--ckpt", str(tmp_path / "none.pt"), match="no checkpoint")
+    other = dict(torch.load(tiny_run / "out" / "ckpt.pt", weights_only=False), backbone="ar")
+    torch.save(other, tmp_path / "other.pt")
+    bad("train.py", "--stage", "finetune", "--init_from", str(tmp_path / "other.pt"), "--out", str(tmp_path / "z"),
+        match="backbone")
+    # a new run into a folder that holds a good checkpoint refuses, and leaves it untouched
+    ck = tiny_run / "out" / "ckpt.pt"
+    before = ck.read_bytes()
+    bad("train.py", "--out", str(tiny_run / "out"), "--max_iters", "2", *TINY_FLAGS, match="--resume")
+    assert ck.read_bytes() == before
+
+
+def test_help_lists_the_flags():
+    r = run("train.py", "--help")
+    for flag in ("--env", "--adapter", "--motion_weight", "--seed", "--out", "--max_iters", "--device", "--preset",
+                 "--stage", "--init_from", "--resume"):
+        assert flag in r.stdout
+    assert run("data.py", "--list").stdout.split() == list(WORLDS)
