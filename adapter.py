@@ -18,7 +18,6 @@ The adapter never edits the backbone's code: it registers forward hooks on the m
 backbone exposes (`blocks[l].ffn_norm` for film, `embed` for input) and reads
 `backbone.token_frames` to broadcast each frame's (alpha, beta) to that frame's tokens.
 """
-import torch
 import torch.nn as nn
 
 from data import UserError

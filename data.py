@@ -265,7 +265,7 @@ def locate_agent(frames, agent_size):
 # ----------------------------------------------------------------------------------------------
 # corpora
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 
 
 @dataclass
@@ -278,6 +278,7 @@ class DataConfig:
     heldout: float = 0.1      # fraction of each corpus held out for evaluation
     expert_p: float = 0.3     # behaviour policy: scripted expert with this probability...
     sticky: float = 0.75      # ...else a random action, repeated with this probability
+    resample_still: float = 0.8   # an action that would not move the agent is redrawn with this probability
     seed: int = 0
     data_dir: str = "data_cache"
 
@@ -302,6 +303,11 @@ def generate_episodes(cfg, n, seed, progress=True):
         if not world.discrete:
             exp = np.clip(exp + rng.normal(0, 0.3, exp.shape), -1, 1).astype(np.float32)
         a = _where(rng.random(n) < cfg.expert_p, exp, rand)
+        for _ in range(3):                       # an action that leaves the agent in place (pressing into a wall,
+            redo = (_moves(world, a) < 0.3 * world.speed) & (rng.random(n) < cfg.resample_still)  # doing nothing)
+            if not redo.any():                   # shows nothing of what actions do: resample most of them
+                break
+            a = _where(redo, world.random_action(rng), a)
         prev = rand
         obs, r, term, _, _ = world.step(a)
         frames[:, t + 1] = np.where(alive[:, None, None, None], obs, frames[:, t])
@@ -309,6 +315,16 @@ def generate_episodes(cfg, n, seed, progress=True):
         lengths[alive & term] = t + 2
         alive &= ~term
     return dict(frames=frames, actions=actions, rewards=rewards, ends=ends, lengths=lengths)
+
+
+def _moves(world, a):
+    """How far the agent would move under actions a, probed on a copy of the state (the world is left as it was)."""
+    saved = world.get_state()
+    before = world.state["agent"].copy()
+    world.step(a)
+    dist = np.linalg.norm(world.state["agent"] - before, axis=1)
+    world.set_state(saved)
+    return dist
 
 
 def _where(mask, a, b):

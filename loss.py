@@ -2,7 +2,14 @@
 
 Flow matching conventions (rectified flow): t = 0 is data, t = 1 is noise,
 
-    x_t = (1 - t) * x_0 + t * eps,        v = dx_t/dt = eps - x_0        (the model predicts v)
+    x_t = (1 - t) * x_0 + t * eps,        v = dx_t/dt = eps - x_0 = (x_t - x_0) / t
+
+The network predicts the clean frame x0_hat ("x-prediction"); its velocity is v_hat = (x_t - x0_hat) / t,
+which is what the sampler integrates. The velocity error is |v_hat - v|^2 = |x0_hat - x_0|^2 / t^2; we weight
+it by t^2, i.e. the loss is |x0_hat - x_0|^2 at every noise level. Why x-prediction: a small model must
+otherwise reproduce the input noise pixel for pixel to output v, and on a CPU budget it never gets there
+(multi-step samples fill with patch-shaped noise). Predicting a clean frame is a low-dimensional target
+(Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
 
 Each frame has its own t (model.py). A training clip of T frames gets a random context length
 k in 1..T-1: frames < k are clean (t = 0) and frames >= k get independent noise levels. So the
@@ -57,8 +64,8 @@ def flow_matching_loss(model, frames, actions=None, motion_c=1.0, motion_temp=0.
     eps = torch.randn(frames.shape, device=frames.device, generator=generator)
     t = tau[:, :, None, None, None]
     x_t = (1 - t) * frames + t * eps
-    v = model(x_t, tau, actions)
-    per = (v.float() - (eps - frames)).pow(2).mean(2)                           # (B, T, H, W) per-element loss
+    x0_hat = model(x_t, tau, actions).float()
+    per = (x0_hat - frames).pow(2).mean(2)                                      # (B, T, H, W) = t^2 |v_hat - v|^2
     per = F.avg_pool2d(per, cell)                                              # (B, T, H/cell, W/cell) on the grid
     w = motion_weights(frames, cell, motion_c, motion_temp) if motion_c > 0 else torch.ones_like(per)
     per_frame = (per * w).mean((2, 3))                                         # (B, T)

@@ -18,6 +18,10 @@ clean while later frames are denoised, one at a time or all together. The tokens
 cut from its noisy pixels stacked, channel-wise, on the pixels of frame i-1 as the model sees
 them (zeros for i = 0): a causal space-time patch that makes "copy what did not move" nearly
 free (method.md §5). The timestep enters by adaLN-Zero, one modulation per frame.
+
+The DiT predicts each frame's clean pixels (loss.py explains why), as a change to the frame before:
+x0_hat_i = x_{i-1} + head(tokens of frame i). The head is zero-initialised, so an untrained DiT
+predicts "nothing moves" and training only has to learn what changes.
 """
 import math
 from dataclasses import dataclass
@@ -56,6 +60,7 @@ class DiTConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    margin: int = 4         # each patch token also sees this many pixels around its patch (overlapping patches)
 
 
 def per_token(c, token_frames):
@@ -90,6 +95,22 @@ def mlp(width, ratio):
     return nn.Sequential(nn.Linear(width, int(width * ratio)), nn.GELU(approximate="tanh"), nn.Linear(int(width * ratio), width))
 
 
+class PatchEmbed(nn.Module):
+    """Causal space-time patches: frame i's noisy pixels stacked on frame i-1's, cut into P x P patches, each
+    seen with `margin` pixels of its surroundings (a strided convolution). With the margin an object that moves
+    into a patch is already visible to that patch's token, so learning a move needs no attention first."""
+
+    def __init__(self, channels, patch, margin, width):
+        super().__init__()
+        self.conv = nn.Conv2d(2 * channels, width, patch + 2 * margin, stride=patch, padding=margin)
+
+    def forward(self, x, prev):
+        # x, prev (B, T, C, S, S) -> tokens (B, T*N, D), frame by frame, row-major inside a frame
+        B, T = x.shape[:2]
+        h = self.conv(torch.cat([x, prev], 2).flatten(0, 1))                # (B*T, D, G, G)
+        return h.flatten(2).transpose(1, 2).reshape(B, -1, h.shape[1])
+
+
 class DiTBlock(nn.Module):
     """x <- x + g1 * Attn(mod(LN(x)));  x <- x + g2 * FFN(mod(ffn_norm(x))), (shift, scale, gate) per frame from tau."""
 
@@ -118,7 +139,7 @@ class DiT(nn.Module):
         self.grid = cfg.size // cfg.patch
         self.n_tok = self.grid ** 2
         D = cfg.width
-        self.embed = nn.Linear(2 * cfg.channels * cfg.patch ** 2, D)          # causal space-time patch -> token
+        self.embed = PatchEmbed(cfg.channels, cfg.patch, cfg.margin, D)
         self.pos_space = nn.Parameter(torch.randn(self.n_tok, D) * 0.02)
         self.pos_time = nn.Parameter(torch.randn(cfg.clip_len, D) * 0.02)
         self.t_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
@@ -130,13 +151,6 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
         self.token_frames = None
 
-    def patchify(self, x):
-        # (B, T, C, S, S) -> (B, T*N, C*P*P)
-        B, T, C, S, _ = x.shape
-        P, G = self.cfg.patch, self.grid
-        x = x.reshape(B, T, C, G, P, G, P).permute(0, 1, 3, 5, 2, 4, 6)       # (B, T, G, G, C, P, P)
-        return x.reshape(B, T * G * G, C * P * P)
-
     def unpatchify(self, y, T):
         # (B, T*N, C*P*P) -> (B, T, C, S, S)
         B = y.shape[0]
@@ -145,13 +159,13 @@ class DiT(nn.Module):
         return y.reshape(B, T, C, G * P, G * P)
 
     def forward(self, x, tau):
-        """x (B, T, C, S, S) noisy frames in [-1, 1]; tau (B, T) their noise levels -> velocity (B, T, C, S, S)."""
+        """x (B, T, C, S, S) noisy frames in [-1, 1]; tau (B, T) their noise levels -> clean frames (B, T, C, S, S)."""
         B, T, C, S, _ = x.shape
         if T > self.cfg.clip_len or S != self.cfg.size or C != self.cfg.channels:
             raise ValueError(f"DiT expects clips (B, <={self.cfg.clip_len}, {self.cfg.channels}, {self.cfg.size}, "
                              f"{self.cfg.size}); got {tuple(x.shape)}")
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)          # frame i-1 beside frame i
-        h = self.embed(self.patchify(torch.cat([x, prev], 2)))               # (B, L, D), L = T*N
+        h = self.embed(x, prev)                                              # (B, L, D), L = T*N
         frames = torch.arange(T, device=x.device).repeat_interleave(self.n_tok)   # (L,)
         self.token_frames = frames
         h = h + self.pos_space.repeat(T, 1) + self.pos_time.index_select(0, frames)
@@ -160,7 +174,7 @@ class DiT(nn.Module):
         for blk in self.blocks:
             h = blk(h, c, frames, mask)
         sh, sc = per_token(self.out_ada(F.silu(c)), frames).chunk(2, -1)
-        return self.unpatchify(self.out(self.out_norm(h) * (1 + sc) + sh), T)
+        return prev + self.unpatchify(self.out(self.out_norm(h) * (1 + sc) + sh), T)
 
 
 BACKBONES = {"dit": (DiT, DiTConfig)}

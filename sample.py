@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from data import DataConfig, UserError, load_corpus, run_cli, to_uint8, WORLDS
+from data import DataConfig, UserError, load_corpus, run_cli, to_uint8
 from model import BACKBONES, pick_device
 from adapter import WorldModel
 
@@ -26,6 +26,8 @@ CKPT_FORMAT = "nanoworld-1"
 @torch.no_grad()
 def denoise(model, history, actions, n_new, steps=4, generator=None):
     """Euler integration of dx/dt = v from t = 1 (noise) to t = 0 (data) for n_new frames after a clean history.
+    The model predicts the clean frames x0_hat; the velocity is v = (x_t - x0_hat) / t (loss.py), so the last
+    step lands exactly on the model's x0_hat.
 
     history (B, h, C, S, S) clean frames; actions (B, h + n_new, ...) lead into each frame.
     Returns the n_new new frames, (B, n_new, C, S, S)."""
@@ -34,8 +36,8 @@ def denoise(model, history, actions, n_new, steps=4, generator=None):
     ts = torch.linspace(1, 0, steps + 1, device=history.device)
     for i in range(steps):
         tau = torch.cat([torch.zeros(B, h, device=x.device), torch.full((B, n_new), float(ts[i]), device=x.device)], 1)
-        v = model(torch.cat([history, x], 1), tau, actions)[:, h:].float()
-        x = x + (ts[i + 1] - ts[i]) * v
+        x0_hat = model(torch.cat([history, x], 1), tau, actions)[:, h:].float()
+        x = x + (ts[i + 1] - ts[i]) * (x - x0_hat) / ts[i]
     return x.clamp(-1, 1)
 
 
@@ -130,18 +132,41 @@ def heldout_clips(ck, n, length, seed=0):
     return sampler.clips(sampler.ok[e], np.ones(len(e), np.int64))
 
 
-def compare_gif(model, ck, path, n=4, horizon=16, steps=4, seed=0, device="cpu"):
-    """GIF of n held-out episodes: ground truth | rollout under recorded actions | under another episode's actions."""
+def parse_actions(text, spec, horizon):
+    """'4,4,1' (discrete ids) or '1,0;0,-1' (continuous vectors, ';' between steps) -> (horizon,) or (horizon, A);
+    a shorter sequence repeats its last action."""
+    try:
+        steps = [[float(v) for v in s.split(",")] for s in text.split(";")] if not spec["discrete"] else \
+                [[float(v)] for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"could not read --actions '{text}': write ids like 4,4,1 or vectors like 1,0;0,-1") from None
+    want = 1 if spec["discrete"] else spec["action_dim"]
+    if any(len(s) != want for s in steps):
+        raise UserError(f"this model's actions have size {want}: write "
+                        + ("ids like 4,4,1" if spec["discrete"] else "vectors like " + ";".join([",".join(["0"] * want)] * 2)))
+    steps = (steps + [steps[-1]] * horizon)[:horizon]
+    a = torch.tensor(steps)
+    if spec["discrete"]:
+        if (a < 0).any() or (a >= spec["n_actions"]).any() or (a != a.round()).any():
+            raise UserError(f"action ids must be whole numbers in [0, {spec['n_actions']})")
+        return a[:, 0].long()
+    return a.clamp(-1, 1)
+
+
+def compare_gif(model, ck, path, n=4, horizon=16, steps=4, seed=0, device="cpu", actions=None):
+    """GIF of n held-out episodes: ground truth | rollout under recorded actions | under other actions
+    (another episode's, or `actions` (H, ...) given for every episode)."""
     k = model.backbone.cfg.clip_len - 1
     clips = heldout_clips(ck, n, k + horizon)
     x, a = clips["frames"].to(device), clips["actions"].to(device)
-    other = torch.cat([a[:, :k], a.roll(1, 0)[:, k:]], 1)
+    mine = a.roll(1, 0)[:, k:] if actions is None else actions.to(device).expand((len(a),) + actions.shape)
+    other = torch.cat([a[:, :k], mine], 1)
     g = lambda: torch.Generator(device).manual_seed(seed)
     pred = rollout(model, x[:, :k], a, steps, generator=g())
     pred_other = rollout(model, x[:, :k], other, steps, generator=g())
     ctx = to_uint8(x[:, :k])
     vids = [to_uint8(x)] + [np.concatenate([ctx, to_uint8(p)], 1) for p in (pred, pred_other)]
-    save_gif(path, vids, ["truth", "model", "other acts"])
+    save_gif(path, vids, ["truth", "model", "other acts" if actions is None else "--actions"])
 
 
 def main():
@@ -151,6 +176,8 @@ def main():
     p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
     p.add_argument("--horizon", type=int, default=16, help="frames to roll out after the context")
     p.add_argument("--steps", type=int, default=4, help="Euler steps per frame")
+    p.add_argument("--actions", default="", help="drive the third column with these actions instead of another "
+                   "episode's: ids like 4,4,1 (coin: 0 stay 1 up 2 down 3 left 4 right) or vectors like 1,0;0,-1 (pusher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     a = p.parse_args()
@@ -161,7 +188,8 @@ def main():
         raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")
     if not a.out.lower().endswith(".gif"):
         raise UserError(f"--out should name a .gif file; got '{a.out}'")
-    compare_gif(model, ck, a.out, a.n, a.horizon, a.steps, a.seed, device)
+    acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
+    compare_gif(model, ck, a.out, a.n, a.horizon, a.steps, a.seed, device, acts)
     print(f"wrote {a.out}: {a.n} held-out '{ck['data']['env']}' episodes, {a.horizon} frames ({why})")
 
 

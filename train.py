@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data import ClipSampler, DataConfig, UserError, locate_agent, load_corpus, make_world, run_cli, to_uint8, WORLDS
 from model import BACKBONES, flops_per_token, pick_device
-from adapter import ADAPTERS, WorldModel
+from adapter import ADAPTERS
 from loss import flow_matching_loss
 from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, rollout
 
@@ -128,8 +128,9 @@ def resolve(cfg, device):
 # evaluation
 
 def psnr(pred, true):
-    """Per clip: (B, T, C, S, S) in [-1, 1] -> (B,) dB over all frames; the error is clamped so a perfect clip is finite."""
-    mse = ((pred - true) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    """Per clip: (B, T, C, S, S) in [-1, 1] -> (B,) dB over all frames. A perfect clip would score infinity: the
+    error is floored at half a grey level of an 8-bit frame, (0.5/255)^2, the finest an 8-bit video can show (54 dB)."""
+    mse = ((pred - true) / 2).pow(2).flatten(1).mean(1).clamp(min=(0.5 / 255) ** 2)
     return -10 * torch.log10(mse)
 
 
@@ -238,7 +239,7 @@ def lr_at(step, cfg, iters):
 
 
 def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None):
-    """Train one stage; returns the final checkpoint dict. desc holds backbone, model_args, spec, data.
+    """Train one stage; returns its final checkpoint dict. desc holds backbone, model_args, spec, data.
 
     init: a checkpoint whose backbone weights start this stage; resume: this stage's own unfinished checkpoint."""
     path = os.path.join(cfg.out, "pretrain.pt" if stage == "pretrain" else "ckpt.pt")
@@ -320,7 +321,7 @@ def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None):
             checkpoint(); t_ck = time.time()
     bar.close()
     checkpoint()
-    return ck, data, ema
+    return ck
 
 
 def train(cfg):
@@ -368,11 +369,11 @@ def train(cfg):
         iters = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
         if prev is not None and prev["step"] >= iters:
             log(f"resume: {stage} already finished in {files[stage]}, skipping it")
-            ck, data = prev, None
+            ck = prev
         else:
             if prev is not None:
                 desc = {k: prev[k] for k in desc}
-            ck, data, _ = run_stage(stage, cfg, desc, device, amp, log, init=init, resume=prev)
+            ck = run_stage(stage, cfg, desc, device, amp, log, init=init, resume=prev)
         init = ck
     model = build_model(ck).to(device)
     model.load_state_dict(ck["ema"])
