@@ -164,10 +164,10 @@ class DiT(nn.Module):
         if T > self.cfg.clip_len or S != self.cfg.size or C != self.cfg.channels:
             raise ValueError(f"DiT expects clips (B, <={self.cfg.clip_len}, {self.cfg.channels}, {self.cfg.size}, "
                              f"{self.cfg.size}); got {tuple(x.shape)}")
+        frames = torch.arange(T, device=x.device).repeat_interleave(self.n_tok)   # (L,)
+        self.token_frames = frames                                           # set first: hooks on embed read it
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)          # frame i-1 beside frame i
         h = self.embed(x, prev)                                              # (B, L, D), L = T*N
-        frames = torch.arange(T, device=x.device).repeat_interleave(self.n_tok)   # (L,)
-        self.token_frames = frames
         h = h + self.pos_space.repeat(T, 1) + self.pos_time.index_select(0, frames)
         c = self.t_embed(timestep_embedding(tau, self.cfg.width))            # (B, T, D)
         mask = frames[:, None] >= frames[None, :]                            # (L, L) causal across frames

@@ -43,7 +43,7 @@ class TrainConfig:
     stage: str = opt("all", "pretrain | finetune | scratch | all (pretrain then finetune)")
     adapter: str = opt("film", "action conditioning: film (DWS) | input (input-level baseline) | none")
     freeze_backbone: bool = opt(False, "fine-tune the adapter only, the backbone frozen")
-    motion_weight: float = opt(1.0, "strength c of the motion-reinforced loss (0 turns it off)")
+    motion_weight: float = opt(0.0, "strength c of the motion-reinforced loss (0 turns it off; README: why 0)")
     motion_temp: float = opt(0.05, "softmax temperature of the motion weights")
     preset: str = opt("auto", "size preset: tiny (CPU) | gpu (one GPU) | auto (picked by device)")
     init_from: str = opt("", "a checkpoint whose backbone starts the finetune stage")
@@ -83,7 +83,7 @@ class TrainConfig:
 PRESETS = {
     "tiny": dict(size=32, patch=4, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3,
                  pretrain_iters=1000, finetune_iters=2000, n_free=1024, n_labelled=384,
-                 expect="about 12 min on a 2-core CPU"),
+                 expect="about 11 min on a 2-core CPU"),
     "gpu": dict(size=64, patch=4, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4,
                 pretrain_iters=8000, finetune_iters=8000, n_free=8192, n_labelled=2048,
                 expect="see README for the measured time on one GPU"),
