@@ -44,7 +44,8 @@ def pick_device(name="auto"):
     dev = torch.device(name)
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         return dev, torch.bfloat16, f"{torch.cuda.get_device_name(dev)}: bf16 autocast"
-    return dev, None, f"{name}: float32" + (" (no CUDA GPU found)" if dev.type == "cpu" else "")
+    cores = f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else ""
+    return dev, None, f"{name}{cores}: float32" + (", no CUDA GPU found" if dev.type == "cpu" else "")
 
 
 # ----------------------------------------------------------------------------------------------

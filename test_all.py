@@ -250,13 +250,13 @@ def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_p
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
-    common = ["--stage", "scratch", "--env", "pusher", "--data_dir", str(tmp_path / "data"), *TINY_FLAGS]
+    common = ["--stage", "scratch", "--env", "pusher", "--margin", "0", "--data_dir", str(tmp_path / "data"), *TINY_FLAGS]
     assert run("train.py", "--out", str(tmp_path / "a"), "--max_iters", "6", *common).returncode == 0
     assert run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "3", *common).returncode == 0
     r = run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "6", "--resume", *common)
     assert r.returncode == 0 and "resumed scratch" in r.stdout, r.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
-    assert b["step"] == 6
+    assert b["step"] == 6 and b["model_args"]["margin"] == 0               # an explicit 0 is not "unset"
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 

@@ -54,18 +54,19 @@ class TrainConfig:
     compile: bool = opt(True, "torch.compile the training step (CUDA only)")
     max_iters: int = opt(0, "iterations per stage (0: the preset's)")
     # --- filled in by the preset unless given
-    size: int = opt(0, "frame size in pixels")
-    patch: int = opt(0, "patch size")
-    width: int = opt(0, "transformer width")
-    depth: int = opt(0, "transformer blocks")
-    heads: int = opt(0, "attention heads")
-    clip_len: int = opt(0, "frames per training clip (context + denoised)")
-    batch_size: int = opt(0, "clips per batch")
-    lr: float = opt(0.0, "peak learning rate")
-    pretrain_iters: int = opt(0, "iterations of the pretrain stage")
-    finetune_iters: int = opt(0, "iterations of the finetune / scratch stage")
-    n_free: int = opt(0, "episodes in the action-free corpus")
-    n_labelled: int = opt(0, "episodes in the action-labelled corpus")
+    size: int = opt(None, "frame size in pixels")
+    patch: int = opt(None, "patch size")
+    margin: int = opt(None, "pixels around its patch each token also sees")
+    width: int = opt(None, "transformer width")
+    depth: int = opt(None, "transformer blocks")
+    heads: int = opt(None, "attention heads")
+    clip_len: int = opt(None, "frames per training clip (context + denoised)")
+    batch_size: int = opt(None, "clips per batch")
+    lr: float = opt(None, "peak learning rate")
+    pretrain_iters: int = opt(None, "iterations of the pretrain stage")
+    finetune_iters: int = opt(None, "iterations of the finetune / scratch stage")
+    n_free: int = opt(None, "episodes in the action-free corpus")
+    n_labelled: int = opt(None, "episodes in the action-labelled corpus")
     # --- the rest
     warmup: int = opt(100, "learning-rate warm-up iterations")
     min_lr_frac: float = opt(0.1, "cosine decay ends at lr * this")
@@ -81,10 +82,10 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": dict(size=32, patch=4, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3,
+    "tiny": dict(size=32, patch=4, margin=4, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3,
                  pretrain_iters=1000, finetune_iters=2000, n_free=1024, n_labelled=384,
                  expect="about 11 min on a 2-core CPU"),
-    "gpu": dict(size=64, patch=4, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4,
+    "gpu": dict(size=64, patch=4, margin=4, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4,
                 pretrain_iters=8000, finetune_iters=8000, n_free=8192, n_labelled=2048,
                 expect="see README for the measured time on one GPU"),
 }
@@ -99,7 +100,7 @@ def parse_args(argv=None):
                            const=True, default=f.default, help=f.metadata["help"])
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"] + f" (default {f.default!r})")
+            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"] + (" (default: the preset's)" if f.default is None else f" (default {f.default!r})"))
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -117,7 +118,7 @@ def resolve(cfg, device):
         raise UserError(f"unknown preset '{cfg.preset}': choose one of auto, {', '.join(PRESETS)}")
     cfg.preset = name
     for k, v in PRESETS[name].items():
-        if k != "expect" and not getattr(cfg, k):
+        if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
@@ -352,7 +353,7 @@ def train(cfg):
     world = make_world(cfg.env)
     spec = dict(discrete=world.discrete, n_actions=world.n_actions, action_dim=world.action_dim)
     cls, mcls = BACKBONES[cfg.backbone]
-    margs = dict(size=cfg.size, patch=cfg.patch, clip_len=cfg.clip_len, width=cfg.width, depth=cfg.depth, heads=cfg.heads)
+    margs = dict(size=cfg.size, patch=cfg.patch, margin=cfg.margin, clip_len=cfg.clip_len, width=cfg.width, depth=cfg.depth, heads=cfg.heads)
     if init is not None:
         margs = init["model_args"]
     dcfg = DataConfig(env=cfg.env, size=margs["size"], n_free=cfg.n_free, n_labelled=cfg.n_labelled,
