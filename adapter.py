@@ -105,14 +105,13 @@ class WorldModel(nn.Module):
 
     Build a fresh one for each copy you need (e.g. EMA weights): the hooks belong to the instance."""
 
-    def __init__(self, backbone, adapter="none", spec=None, freeze_backbone=False):
+    def __init__(self, backbone, adapter="none", spec=None):
         super().__init__()
         if adapter not in ADAPTERS:
             raise UserError(f"unknown adapter '{adapter}': choose one of {', '.join(ADAPTERS)}")
         self.backbone = backbone
         self.kind = adapter
         self.adapter = ADAPTERS[adapter](backbone, spec) if ADAPTERS[adapter] else None
-        backbone.requires_grad_(not freeze_backbone)
 
     def forward(self, x, tau, actions=None):
         if self.adapter is not None:

@@ -135,20 +135,23 @@ def heldout_clips(ck, n, length, seed=0):
 def parse_actions(text, spec, horizon):
     """'4,4,1' (discrete ids) or '1,0;0,-1' (continuous vectors, ';' between steps) -> (horizon,) or (horizon, A);
     a shorter sequence repeats its last action."""
+    if spec["discrete"]:
+        size_ok, hint = ";" not in text, f"one id in [0, {spec['n_actions']}) per step, like 4,4,1"
+        cut = [[v] for v in text.split(",")]
+    else:
+        A = spec["action_dim"]
+        cut = [s.split(",") for s in text.split(";")]
+        size_ok, hint = all(len(s) == A for s in cut), f"{A} numbers in [-1, 1] per step, like " + ";".join([",".join(["0.5"] * A)] * 2)
+    if not size_ok:
+        raise UserError(f"--actions '{text}' does not fit this model's actions: write {hint}")
     try:
-        steps = [[float(v) for v in s.split(",")] for s in text.split(";")] if not spec["discrete"] else \
-                [[float(v)] for v in text.split(",")]
+        a = torch.tensor([[float(v) for v in s] for s in cut])
     except ValueError:
-        raise UserError(f"could not read --actions '{text}': write ids like 4,4,1 or vectors like 1,0;0,-1") from None
-    want = 1 if spec["discrete"] else spec["action_dim"]
-    if any(len(s) != want for s in steps):
-        raise UserError(f"this model's actions have size {want}: write "
-                        + ("ids like 4,4,1" if spec["discrete"] else "vectors like " + ";".join([",".join(["0"] * want)] * 2)))
-    steps = (steps + [steps[-1]] * horizon)[:horizon]
-    a = torch.tensor(steps)
+        raise UserError(f"could not read --actions '{text}': write {hint}") from None
+    a = torch.cat([a, a[-1:].expand(max(0, horizon - len(a)), -1)])[:horizon]
     if spec["discrete"]:
         if (a < 0).any() or (a >= spec["n_actions"]).any() or (a != a.round()).any():
-            raise UserError(f"action ids must be whole numbers in [0, {spec['n_actions']})")
+            raise UserError(f"--actions: write {hint}")
         return a[:, 0].long()
     return a.clamp(-1, 1)
 

@@ -186,7 +186,7 @@ def test_sampler_recovers_a_known_answer():
     a, b = torch.full((3, 16, 16), 0.5), torch.full((3, 16, 16), -0.5)
 
     class Oracle(torch.nn.Module):
-        backbone = DiT(DiTConfig(size=16, patch=4, clip_len=2, width=8, depth=1, heads=1))
+        backbone = DiT(DiTConfig(size=16, patch=4, clip_len=3, width=8, depth=1, heads=1))
 
         def forward(self, x, tau, actions=None):
             t = tau[:, :, None, None, None].clamp(min=1e-4)
@@ -194,11 +194,14 @@ def test_sampler_recovers_a_known_answer():
             wa = torch.sigmoid(la - lb)
             return wa * a + (1 - wa) * b
 
-    g = torch.Generator().manual_seed(0)
-    out = rollout(Oracle(), torch.zeros(16, 1, 3, 16, 16), torch.zeros(16, 2, dtype=torch.long), steps=10, generator=g)
-    err_a, err_b = ((out - a).abs().amax((1, 2, 3, 4)), (out - b).abs().amax((1, 2, 3, 4)))
-    assert torch.all(torch.minimum(err_a, err_b) < 1e-3)                # every sample is one of the two frames
-    assert (err_a < 1e-3).any() and (err_b < 1e-3).any()               # and both are found
+    for chunk in (1, 2):                                                # frame by frame, and two frames at once
+        g = torch.Generator().manual_seed(0)
+        out = rollout(Oracle(), torch.zeros(16, 1, 3, 16, 16), torch.zeros(16, 5, dtype=torch.long), steps=10,
+                      chunk=chunk, generator=g)
+        assert out.shape == (16, 4, 3, 16, 16)
+        err_a, err_b = ((out - a).abs().amax((2, 3, 4)), (out - b).abs().amax((2, 3, 4)))
+        assert torch.all(torch.minimum(err_a, err_b) < 1e-3)            # every frame is one of the two
+        assert (err_a < 1e-3).any() and (err_b < 1e-3).any()           # and both are found
 
 
 def test_overfits_one_batch():
@@ -244,7 +247,7 @@ def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_p
     from PIL import Image
     ckpt = tiny_run / "out" / "ckpt.pt"
     r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gif"), "--horizon", "4",
-            cwd=str(tiny_run))                                           # run where the data cache is
+            "--actions", "4,4,1", cwd=str(tiny_run))                                           # run where the data cache is
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "x.gif").n_frames > 1
 
@@ -272,6 +275,7 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     junk.write_bytes(os.urandom(5000))
     bad("sample.py", "--ckpt", str(junk), "--out", str(tmp_path / "y.gif"), match="not a readable checkpoint")
     bad("sample.py", "--ckpt", str(tmp_path / "none.pt"), match="no checkpoint")
+    bad("sample.py", "--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--actions", "1,0;0,1", match="does not fit")
     other = dict(torch.load(tiny_run / "out" / "ckpt.pt", weights_only=False), backbone="ar")
     torch.save(other, tmp_path / "other.pt")
     bad("train.py", "--stage", "finetune", "--init_from", str(tmp_path / "other.pt"), "--out", str(tmp_path / "z"),
