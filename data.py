@@ -283,7 +283,7 @@ class DataConfig:
     data_dir: str = "data_cache"
 
 
-def generate_episodes(cfg, n, seed, progress=True):
+def generate_episodes(cfg, n, seed):
     """Roll n episodes of the behaviour policy (noisy expert mixed with sticky random actions)."""
     world = make_world(cfg.env, num=n, size=cfg.size, max_steps=cfg.episode_len, seed=seed)
     obs, _ = world.reset()
@@ -335,8 +335,7 @@ def _where(mask, a, b):
 class Corpus:
     """Episodes in memory, split into train / held-out by episode."""
 
-    def __init__(self, arrays, heldout, labelled):
-        self.labelled = labelled
+    def __init__(self, arrays, heldout):
         n = len(arrays["frames"])
         n_held = max(1, int(round(n * heldout)))
         self.train = {k: v[:-n_held] for k, v in arrays.items()}
@@ -368,7 +367,7 @@ def load_corpus(cfg, labelled, progress=True):
     shards = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
     parts = [dict(np.load(os.path.join(path, f))) for f in shards]
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return Corpus(arrays, cfg.heldout, labelled)
+    return Corpus(arrays, cfg.heldout)
 
 
 class ClipSampler:
