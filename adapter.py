@@ -2,7 +2,10 @@
 
 Which action drives which frame: a clip's actions[:, i] is the action that *led into* frame i
 (taken at frame i-1). It conditions the tokens of frame i only, and since attention is causal
-across frames, a token never sees an action that comes after its own frame.
+across frames, a token never sees an action that comes after its own frame. For the DiT these are
+frame i's patch tokens; for the video GPT they are the N slots that predict frame i's codes
+(slots i*N .. i*N+N-1, model.py), so every code of frame i is sampled knowing a_i and no later action.
+One code path serves both backbones: it reads only `token_frames` and the modules they expose.
 
 Three kinds, selected by name (`--adapter`):
 
@@ -101,7 +104,7 @@ ADAPTERS = {"film": FiLMAdapter, "input": InputAdapter, "none": None}
 
 
 class WorldModel(nn.Module):
-    """A backbone with (optionally) an action adapter attached: model(x, tau, actions) -> backbone output.
+    """A backbone with (optionally) an action adapter attached: model(x, ..., actions=a) -> backbone output.
 
     Build a fresh one for each copy you need (e.g. EMA weights): the hooks belong to the instance."""
 
@@ -113,9 +116,11 @@ class WorldModel(nn.Module):
         self.kind = adapter
         self.adapter = ADAPTERS[adapter](backbone, spec) if ADAPTERS[adapter] else None
 
-    def forward(self, x, tau, actions=None):
+    def forward(self, x, *args, actions=None, **kw):
+        """x (B, T, ...) a clip, pixels (DiT) or codes (GPT); the rest goes to the backbone as is.
+        actions (B, T, ...): actions[:, i] leads into frame i."""
         if self.adapter is not None:
             if actions is None:
                 raise UserError("this model has an action adapter: pass the actions that lead into each frame")
             self.adapter.condition(actions.to(x.device), x.shape[1])
-        return self.backbone(x, tau)
+        return self.backbone(x, *args, **kw)

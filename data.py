@@ -283,22 +283,41 @@ class DataConfig:
     data_dir: str = "data_cache"
 
 
+def play_episodes(world, policy, steps):
+    """Play world.num episodes at once with policy(obs (N, S, S, 3) uint8, t) -> actions, for `steps` steps
+    or until each terminates. Returns the episode layout every corpus uses:
+        frames (N, steps+1, S, S, 3) uint8  frame t+1 follows actions[t]; after the end, the last frame repeats
+        actions (N, steps[, A]), rewards (N, steps), ends (N, steps) bool, lengths (N,) frames up to the end."""
+    obs, _ = world.reset()
+    n = world.num
+    frames = np.zeros((n, steps + 1) + obs.shape[1:], np.uint8)
+    actions = np.zeros((n, steps) if world.discrete else (n, steps, world.action_dim),
+                       np.int64 if world.discrete else np.float32)
+    rewards = np.zeros((n, steps), np.float32)
+    ends = np.zeros((n, steps), bool)
+    lengths = np.full(n, steps + 1, np.int64)
+    alive = np.ones(n, bool)
+    frames[:, 0] = obs
+    for t in range(steps):
+        a = policy(obs, t)
+        obs, r, term, _, _ = world.step(a)
+        frames[:, t + 1] = np.where(alive[:, None, None, None], obs, frames[:, t])
+        actions[:, t], rewards[:, t], ends[:, t] = a, r * alive, term & alive
+        lengths[alive & term] = t + 2
+        alive &= ~term
+    return dict(frames=frames, actions=actions, rewards=rewards, ends=ends, lengths=lengths)
+
+
 def generate_episodes(cfg, n, seed):
     """Roll n episodes of the behaviour policy (noisy expert mixed with sticky random actions)."""
     world = make_world(cfg.env, num=n, size=cfg.size, max_steps=cfg.episode_len, seed=seed)
-    obs, _ = world.reset()
-    L = cfg.episode_len
-    frames = np.zeros((n, L + 1) + obs.shape[1:], np.uint8)
-    actions = np.zeros((n, L) if world.discrete else (n, L, world.action_dim), np.int64 if world.discrete else np.float32)
-    rewards = np.zeros((n, L), np.float32)
-    ends = np.zeros((n, L), bool)
-    lengths = np.full(n, L + 1, np.int64)
-    alive = np.ones(n, bool)
-    frames[:, 0] = obs
     rng = np.random.default_rng(seed + 1)          # the policy's own randomness, apart from the world's
-    prev = world.random_action(rng)
-    for t in range(L):
-        rand = _where(rng.random(n) < cfg.sticky, prev, world.random_action(rng))
+    prev = [None]
+
+    def behaviour(obs, t):
+        if prev[0] is None:
+            prev[0] = world.random_action(rng)
+        rand = _where(rng.random(n) < cfg.sticky, prev[0], world.random_action(rng))
         exp = world.expert_action()
         if not world.discrete:
             exp = np.clip(exp + rng.normal(0, 0.3, exp.shape), -1, 1).astype(np.float32)
@@ -308,13 +327,9 @@ def generate_episodes(cfg, n, seed):
             if not redo.any():                   # shows nothing of what actions do: resample most of them
                 break
             a = _where(redo, world.random_action(rng), a)
-        prev = rand
-        obs, r, term, _, _ = world.step(a)
-        frames[:, t + 1] = np.where(alive[:, None, None, None], obs, frames[:, t])
-        actions[:, t], rewards[:, t], ends[:, t] = a, r * alive, term & alive
-        lengths[alive & term] = t + 2
-        alive &= ~term
-    return dict(frames=frames, actions=actions, rewards=rewards, ends=ends, lengths=lengths)
+        prev[0] = rand
+        return a
+    return play_episodes(world, behaviour, cfg.episode_len)
 
 
 def _moves(world, a):
@@ -399,6 +414,7 @@ class ClipSampler:
         if "actions" in self.split:
             out["actions"] = torch.from_numpy(self.split["actions"][e[:, None], idx - 1])
             out["rewards"] = torch.from_numpy(self.split["rewards"][e[:, None], idx - 1])
+            out["ends"] = torch.from_numpy(self.split["ends"][e[:, None], idx - 1])
         return out
 
 

@@ -26,8 +26,13 @@ A frame with no motion gets w = 1 everywhere (softmax is uniform, s = 1); where 
 the weight rises; the clamp s_max keeps a few cells from taking weights near n (method.md §5
 saw that destabilise training) and the normalisation keeps each frame's mean weight at 1, so c
 trades static detail against dynamics without changing the loss scale. c = 0 turns it off.
-The weights are constants (no gradient) computed on ground-truth pixels, on the loss's grid
-(the DiT's patches here; the tokenizer's cells for a token model).
+The weights are constants (no gradient) computed on ground-truth pixels, on the loss's grid:
+the DiT's patches, or the tokenizer's cells for the token model.
+
+Motion-reinforced cross-entropy, for the video GPT (model.py): the frames are turned into codes by the
+frozen tokenizer, and the cross-entropy of each predicted code is multiplied by the same w_i(p), with p
+now the tokenizer cell (2^down pixels a side) the code stands for. Frame 0 of a clip is context: its
+codes are not scored, so, as for the DiT, the model learns "frame i from the frames before it".
 """
 import torch
 import torch.nn.functional as F
@@ -64,10 +69,26 @@ def flow_matching_loss(model, frames, actions=None, motion_c=1.0, motion_temp=0.
     eps = torch.randn(frames.shape, device=frames.device, generator=generator)
     t = tau[:, :, None, None, None]
     x_t = (1 - t) * frames + t * eps
-    x0_hat = model(x_t, tau, actions).float()
+    x0_hat = model(x_t, tau, actions=actions).float()
     per = (x0_hat - frames).pow(2).mean(2)                                      # (B, T, H, W) = t^2 |v_hat - v|^2
     per = F.avg_pool2d(per, cell)                                              # (B, T, H/cell, W/cell) on the grid
     w = motion_weights(frames, cell, motion_c, motion_temp) if motion_c > 0 else torch.ones_like(per)
     per_frame = (per * w).mean((2, 3))                                         # (B, T)
     denoised = (tau > 0).float()
     return (per_frame * denoised).sum() / denoised.sum()
+
+
+def motion_cross_entropy(model, frames, actions=None, motion_c=1.0, motion_temp=0.05, cell=4, generator=None):
+    """Motion-weighted next-code cross-entropy of a token `model` on a batch of clips.
+
+    frames (B, T, C, H, W) in [-1, 1]; `cell` is the tokenizer's cell size. Returns the scalar loss,
+    averaged over the codes of frames 1..T-1 (generator: unused, the loss is deterministic)."""
+    B, T = frames.shape[:2]
+    z = model.backbone.tokenizer.encode(frames)                                  # (B, T, N) code ids
+    logits = model(z, actions=actions).float()                                   # (B, T*N, K)
+    ce = F.cross_entropy(logits.flatten(0, 1), z.flatten(), reduction="none").view(B, T, -1)
+    w = motion_weights(frames, cell, motion_c, motion_temp).flatten(2) if motion_c > 0 else torch.ones_like(ce)
+    return (ce * w)[:, 1:].mean()
+
+
+LOSSES = {"dit": flow_matching_loss, "ar": motion_cross_entropy}

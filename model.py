@@ -6,6 +6,10 @@ A backbone maps a clip to a clip and exposes three things that `adapter.py` atta
     backbone.blocks[l].ffn_norm  the norm in front of block l's feed-forward   (the DWS adapter, method.md §1)
     backbone.token_frames        (L,) long: the frame each of the current L tokens belongs to
 
+Two backbones, as different as the paper's (method.md §4): the video DiT below, trained by flow matching,
+and the video GPT further down (a per-frame VQ tokenizer and an autoregressive transformer over its codes),
+trained by next-code cross-entropy. adapter.py drives both through the same three attachment points.
+
 The video DiT (diffusion transformer), trained by flow matching. For a clip of T frames of
 S x S pixels cut into P x P patches there are N = (S/P)^2 tokens per frame, laid out frame by frame:
 
@@ -85,9 +89,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, past=None):
+        """x (B, L, D); mask (L, L_past + L) bool, True = may attend; past: this layer's KV cache (a dict), extended in place."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
+        if past is not None:
+            if "k" in past:
+                k, v = torch.cat([past["k"], k], 2), torch.cat([past["v"], v], 2)
+            past["k"], past["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
@@ -139,6 +148,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         self.grid = cfg.size // cfg.patch
         self.n_tok = self.grid ** 2
+        self.cell = cfg.patch                                                # pixels a side of the cell a token stands for
         D = cfg.width
         self.embed = PatchEmbed(cfg.channels, cfg.patch, cfg.margin, D)
         self.pos_space = nn.Parameter(torch.randn(self.n_tok, D) * 0.02)
@@ -178,7 +188,215 @@ class DiT(nn.Module):
         return prev + self.unpatchify(self.out(self.out_norm(h) * (1 + sc) + sh), T)
 
 
-BACKBONES = {"dit": (DiT, DiTConfig)}
+# ----------------------------------------------------------------------------------------------
+# the per-frame VQ tokenizer
+
+def conv_stack(chans, down):
+    """`down` stride-2 convolutions (encoder) or transposed ones (decoder), GELU between."""
+    layers = []
+    for i, (a, b) in enumerate(zip(chans, chans[1:])):
+        layers += [(nn.Conv2d if down else nn.ConvTranspose2d)(a, b, 4, stride=2, padding=1), nn.GELU()]
+    return layers
+
+
+class VQTokenizer(nn.Module):
+    """Frame (C, S, S) in [-1, 1] <-> a G x G grid of code ids, G = S / 2^down.
+
+    Encoder: stride-2 convolutions, then a 1x1 projection to code_dim. Quantiser: the nearest of K codebook
+    vectors; the decoder sees it through the straight-through estimator, z + (q - z).detach(). The codebook is
+    not trained by gradients but as running means of the encoder outputs assigned to each code (EMA, as in
+    VQ-VAE-2), and a code that goes unused is revived: moved onto a random encoder output of the batch.
+    Decoder: the mirror image, transposed convolutions."""
+
+    def __init__(self, channels, down, codes, code_dim, width):
+        super().__init__()
+        self.down = down
+        chans = [width * 2 ** min(i, 1) for i in range(down + 1)]               # e.g. 64, 128, 128
+        cell = 2 ** down                                                     # each code sees its own cell only
+        self.enc = nn.Sequential(nn.Conv2d(channels, 4 * width, cell, stride=cell), nn.GELU(),
+                                 nn.Conv2d(4 * width, 4 * width, 1), nn.GELU(), nn.Conv2d(4 * width, code_dim, 1))
+        r = chans[::-1]
+        self.dec = nn.Sequential(nn.Conv2d(code_dim, r[0], 3, padding=1), nn.GELU(), *conv_stack(r, False),
+                                 nn.Conv2d(r[-1], r[-1], 3, padding=1), nn.GELU(), nn.Conv2d(r[-1], channels, 3, padding=1))
+        self.register_buffer("codebook", torch.zeros(codes, code_dim))
+        self.register_buffer("usage", torch.zeros(codes))                     # EMA of assignments per batch, per code
+        self.register_buffer("code_sum", torch.zeros(codes, code_dim))        # EMA sum of assigned encoder outputs
+
+    def quantize(self, z):
+        """z (M, code_dim) -> nearest code ids (M,)."""
+        d = z.pow(2).sum(1, keepdim=True) - 2 * z @ self.codebook.T + self.codebook.pow(2).sum(1)
+        return d.argmin(1)
+
+    def _flat(self, x):
+        z = self.enc(x.flatten(0, -4))                                         # (M, E, G, G)
+        return z, z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])                # and (M*G*G, E)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """x (..., C, S, S) -> ids (..., G*G), row-major over the grid."""
+        z, flat = self._flat(x.float())
+        return self.quantize(flat).view(*x.shape[:-3], -1)
+
+    @torch.no_grad()
+    def decode(self, ids):
+        """ids (..., G*G) -> frames (..., C, S, S) in [-1, 1]."""
+        G = math.isqrt(ids.shape[-1])
+        q = self.codebook[ids.flatten(0, -2)].view(-1, G, G, self.codebook.shape[1]).permute(0, 3, 1, 2)
+        S = G * 2 ** self.down
+        return self.dec(q).clamp(-1, 1).view(*ids.shape[:-1], -1, S, S)
+
+    def loss(self, x, beta=0.25, decay=0.99, revive=1.0):
+        """One training step's loss on frames x (M, C, S, S); in training mode, also updates the codebook (EMA)."""
+        z, flat = self._flat(x)
+        ids = self.quantize(flat.detach())
+        q = self.codebook[ids]
+        if self.training:
+            with torch.no_grad():
+                onehot = F.one_hot(ids, len(self.codebook)).type_as(flat)        # (M*G*G, K)
+                self.usage.mul_(decay).add_(onehot.sum(0), alpha=1 - decay)
+                self.code_sum.mul_(decay).add_(onehot.T @ flat.detach(), alpha=1 - decay)
+                live = self.usage > 0
+                self.codebook[live] = self.code_sum[live] / self.usage[live, None]
+                dead = self.usage < revive                                          # on average less than once a batch: revive
+                if dead.any():                                                      # (all of them at the first step)
+                    pick = flat.detach()[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
+                    self.codebook[dead], self.code_sum[dead], self.usage[dead] = pick, pick, 1.0
+        st = flat + (q - flat).detach()                                        # straight-through
+        G = z.shape[-1]
+        recon = self.dec(st.view(-1, G, G, flat.shape[1]).permute(0, 3, 1, 2))
+        return F.mse_loss(recon, x) + beta * F.mse_loss(flat, q), recon
+
+
+# ----------------------------------------------------------------------------------------------
+# the video GPT
+
+@dataclass
+class ARConfig:
+    size: int = 32          # frames are size x size pixels
+    channels: int = 3
+    down: int = 2           # the tokenizer halves the frame `down` times: G = size / 2^down tokens a side
+    codes: int = 512        # codebook size K
+    code_dim: int = 32
+    tok_width: int = 32     # tokenizer channels (the first layer; later ones double it once)
+    clip_len: int = 3       # longest clip the GPT sees at once, in frames
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    reach: int = 1          # each token also sees the codes of a (2*reach+1)^2 neighbourhood of the frame before
+
+
+def make_tokenizer(cfg: ARConfig):
+    return VQTokenizer(cfg.channels, cfg.down, cfg.codes, cfg.code_dim, cfg.tok_width)
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm transformer block: x <- x + Attn(LN(x));  x <- x + FFN(ffn_norm(x))."""
+
+    def __init__(self, width, heads, mlp_ratio):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ffn_norm = nn.LayerNorm(width)                                     # the adapter hooks this
+        self.ffn = mlp(width, mlp_ratio)
+
+    def forward(self, x, mask, past=None):
+        x = x + self.attn(self.attn_norm(x), mask, past)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class TokenEmbed(nn.Module):
+    """The input of slot (i, p): the code before it in its own frame (a start-of-frame row for p = 0), plus the
+    codes of frame i-1 in a (2r+1)^2 neighbourhood of cell p, each offset with its own table (a convolution over
+    one-hot codes, read by gathers). Off-grid cells and frame 0's missing predecessor read an extra row K.
+    This is the token model's twin of the DiT's overlapping causal patches: copying a cell, or seeing an object
+    about to enter it, needs no attention."""
+
+    def __init__(self, codes, grid, reach, width):
+        super().__init__()
+        self.K = codes
+        r = torch.arange(-reach, reach + 1)
+        dy, dx = torch.meshgrid(r, r, indexing="ij")
+        y, x = torch.arange(grid ** 2) // grid, torch.arange(grid ** 2) % grid
+        ny, nx = y[:, None] + dy.flatten(), x[:, None] + dx.flatten()           # (N, O) neighbour coordinates
+        inside = (ny >= 0) & (ny < grid) & (nx >= 0) & (nx < grid)
+        self.register_buffer("nbr", torch.where(inside, ny * grid + nx, -1), persistent=False)   # (N, O), -1 off-grid
+        self.n_off = self.nbr.shape[1]
+        self.prev_code = nn.Embedding(codes + 1, width)
+        self.nbr_code = nn.Embedding(self.n_off * (codes + 1), width)
+
+    def forward(self, z, frames, cells):
+        # z (B, T, N) code ids; frames, cells (L,) the slots to embed -> (B, L, D)
+        B, T, N = z.shape
+        flat = z.reshape(B, T * N)
+        K = self.K
+        before = torch.where(cells > 0, frames * N + cells - 1, 0)
+        own = torch.where(cells > 0, flat[:, before], K)                        # (B, L)
+        nb = self.nbr[cells]                                                    # (L, O)
+        src = (frames[:, None] - 1) * N + nb
+        ok = (nb >= 0) & (frames[:, None] > 0)
+        ids = torch.where(ok, flat[:, src.clamp(min=0)], K)                     # (B, L, O)
+        ids = ids + (K + 1) * torch.arange(self.n_off, device=z.device)
+        return self.prev_code(own) + self.nbr_code(ids).sum(2)
+
+
+class VideoGPT(nn.Module):
+    """An autoregressive transformer over the VQ codes of a clip. With N = G*G codes per frame:
+
+        slot:      0 .. N-1  |  N .. 2N-1  |  ...  |  (T-1)N .. TN-1
+        frame:         0     |      1      |  ...  |       T-1
+        predicts:  z[0, p]   |   z[1, p]   |  ...  |    z[T-1, p]        (p = slot - frame*N, row-major)
+        input:     z[i, p-1] (start-of-frame row at p = 0) + codes of frame i-1 around cell p (TokenEmbed)
+        attends:   every slot <= itself (plain causal attention over slots)
+
+    A frame starts at slot i*N; every count derives from the config (N = (size / 2^down)^2). Slot (i, p)
+    predicts code p of frame i from all codes before it in that order, so sampling runs slot by slot
+    with a KV cache: forward(z, cache, stop) computes only the slots cache["n"] .. stop-1.
+    The frozen tokenizer lives inside (`self.tokenizer`) so one checkpoint maps pixels to pixels."""
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        if cfg.size % 2 ** cfg.down:
+            raise ValueError(f"frame size {cfg.size} is not a multiple of 2^down = {2 ** cfg.down}")
+        self.cfg = cfg
+        self.grid = cfg.size // 2 ** cfg.down
+        self.n_tok = self.grid ** 2
+        D = cfg.width
+        self.cell = 2 ** cfg.down                                            # pixels a side of the cell a code stands for
+        self.tokenizer = make_tokenizer(cfg).requires_grad_(False)
+        self.embed = TokenEmbed(cfg.codes, self.grid, cfg.reach, D)
+        self.pos_space = nn.Parameter(torch.randn(self.n_tok, D) * 0.02)
+        self.pos_time = nn.Parameter(torch.randn(cfg.clip_len, D) * 0.02)
+        self.blocks = nn.ModuleList(GPTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.out_norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.codes)
+        self.token_frames = None
+
+    def new_cache(self):
+        return dict(n=0, layers=[{} for _ in self.blocks])
+
+    def forward(self, z, cache=None, stop=None):
+        """z (B, T, N) code ids (slots not yet sampled may hold anything: no slot reads a later one).
+        Computes slots [cache["n"], stop) (all of them without a cache) -> logits (B, L, K) for those slots."""
+        B, T, N = z.shape
+        if T > self.cfg.clip_len or N != self.n_tok:
+            raise ValueError(f"VideoGPT expects codes (B, <={self.cfg.clip_len}, {self.n_tok}); got {tuple(z.shape)}")
+        start = cache["n"] if cache is not None else 0
+        stop = T * N if stop is None else stop
+        slots = torch.arange(start, stop, device=z.device)
+        frames, cells = slots // N, slots % N
+        self.token_frames = frames                                           # set first: hooks on embed read it
+        h = self.embed(z, frames, cells) + self.pos_space[cells] + self.pos_time[frames]   # (B, L, D)
+        mask = torch.arange(stop, device=z.device)[None, :] <= slots[:, None]   # (L, stop) causal over slots
+        layers = cache["layers"] if cache is not None else [None] * len(self.blocks)
+        for blk, past in zip(self.blocks, layers):
+            h = blk(h, mask, past)
+        if cache is not None:
+            cache["n"] = stop
+        return self.head(self.out_norm(h))
+
+
+BACKBONES = {"dit": (DiT, DiTConfig), "ar": (VideoGPT, ARConfig)}
 
 
 def flops_per_token(cfg, n_ctx_tokens):

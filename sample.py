@@ -1,6 +1,7 @@
 """sample.py — the flow-matching sampler, batched rollouts, GIFs, and loading a model from its checkpoint.
 
     python sample.py --ckpt out/ckpt.pt --out rollout.gif
+    python sample.py --bench_cache          # the video GPT's KV cache: time per new frame, with and without
 
 writes held-out episodes as a GIF, one row per episode: the ground truth, the model's rollout under
 the recorded actions, and its rollout under another episode's actions. The checkpoint is all it
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from data import DataConfig, UserError, load_corpus, run_cli, to_uint8
-from model import BACKBONES, pick_device
+from model import BACKBONES, VideoGPT, pick_device
 from adapter import WorldModel
 
 CKPT_FORMAT = "nanoworld-1"
@@ -36,32 +37,81 @@ def denoise(model, history, actions, n_new, steps=4, generator=None):
     ts = torch.linspace(1, 0, steps + 1, device=history.device)
     for i in range(steps):
         tau = torch.cat([torch.zeros(B, h, device=x.device), torch.full((B, n_new), float(ts[i]), device=x.device)], 1)
-        x0_hat = model(torch.cat([history, x], 1), tau, actions)[:, h:].float()
+        x0_hat = model(torch.cat([history, x], 1), tau, actions=actions)[:, h:].float()
         x = x + (ts[i + 1] - ts[i]) * (x - x0_hat) / ts[i]
     return x.clamp(-1, 1)
 
 
+def pick_code(logits, temperature=1.0, top_k=0, generator=None):
+    """logits (B, K) -> code ids (B,): sample at `temperature` from the top_k most likely codes
+    (top_k 0: all of them; temperature 0: the most likely code)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
 @torch.no_grad()
-def rollout(model, context, actions, steps=4, chunk=1, generator=None):
+def sample_codes(model, z, actions, n_new, temperature=1.0, top_k=0, generator=None, use_cache=True, on_frame=None):
+    """Extend the code clip z (B, k, N) by n_new frames, code by code, through the video GPT of `model`.
+
+    The GPT sees at most clip_len frames: frame f is sampled inside the window of frames
+    lo..f, lo = max(0, f + 1 - clip_len). With use_cache, the keys and values of every slot are kept
+    and each new code costs one slot's forward pass; the cache is rebuilt (one batched pass over the
+    window's earlier frames) only when the window slides. Without it, every code reruns the whole window.
+    actions (B, k + n_new, ...) lead into each frame. Returns (B, k + n_new, N)."""
+    gpt = model.backbone
+    W, N = gpt.cfg.clip_len, gpt.n_tok
+    k = z.shape[1]
+    cache, start = None, -1
+    for f in range(k, k + n_new):
+        lo = max(0, f + 1 - W)
+        if lo != start or not use_cache:
+            cache, start = (gpt.new_cache() if use_cache else None), lo
+        z = torch.cat([z, torch.zeros_like(z[:, :1])], 1)
+        win, acts = z[:, lo:f + 1], actions[:, lo:f + 1]                   # a view: codes written to win land in z
+        base = (f - lo) * N                                                  # the slot where frame f starts
+        for p in range(N):
+            logits = model(win, cache=cache, stop=base + p + 1, actions=acts)[:, -1]   # (B, K) for slot (f, p)
+            win[:, f - lo, p] = pick_code(logits, temperature, top_k, generator)
+        if on_frame is not None:
+            on_frame(f)
+    return z
+
+
+@torch.no_grad()
+def rollout(model, context, actions, steps=4, chunk=1, temperature=1.0, top_k=0, generator=None, use_cache=True,
+            on_frame=None):
     """Roll the world forward from context frames under a sequence of actions: the world model as a batched env.
 
     context (B, k, C, S, S) in [-1, 1]; actions (B, k + H, ...) where actions[:, i] leads into frame i
-    (those of the context frames included). Frames are generated `chunk` at a time (1 = frame by
-    frame), each chunk seeing at most clip_len - chunk earlier frames. Returns (B, H, C, S, S)."""
+    (those of the context frames included). Returns the H new frames, (B, H, C, S, S).
+    DiT: frames are denoised `chunk` at a time (1 = frame by frame) with `steps` Euler steps, each chunk
+    seeing at most clip_len - chunk earlier frames. GPT: the context is tokenized, frames are sampled
+    code by code (temperature, top_k, KV cache: sample_codes) and decoded."""
     window = model.backbone.cfg.clip_len
     k, H = context.shape[1], actions.shape[1] - context.shape[1]
     if H < 1:
         raise UserError(f"actions must cover the context ({k} frames) and at least one new frame; got {actions.shape[1]}")
+    actions = actions.to(context.device)
+    if isinstance(model.backbone, VideoGPT):
+        tok = model.backbone.tokenizer
+        z = sample_codes(model, tok.encode(context), actions, H, temperature, top_k, generator, use_cache, on_frame)
+        return tok.decode(z[:, k:])
     if not 1 <= chunk < window:
         raise UserError(f"chunk must be in 1..{window - 1} for a model with clip_len {window}")
     frames = context
-    actions = actions.to(context.device)
     while frames.shape[1] < k + H:
         n = min(chunk, k + H - frames.shape[1])
         hist = frames[:, -(window - n):]
         t0 = frames.shape[1] - hist.shape[1]
         new = denoise(model, hist, actions[:, t0:t0 + hist.shape[1] + n], n, steps, generator)
         frames = torch.cat([frames, new], 1)
+        if on_frame is not None:
+            on_frame(frames.shape[1] - 1)
     return frames[:, k:]
 
 
@@ -93,6 +143,8 @@ def read_checkpoint(path):
 def load_model(path, device="cpu", ema=True):
     """-> (WorldModel with the checkpoint's EMA weights (or raw ones), the checkpoint dict)."""
     ck = read_checkpoint(path)
+    if "ema" not in ck:
+        raise UserError(f"'{path}' holds only a {ck.get('stage', 'partial')} stage, not a world model: point --ckpt at ckpt.pt")
     model = build_model(ck)
     model.load_state_dict(ck["ema" if ema else "model"])
     return model.to(device).eval(), ck
@@ -156,7 +208,7 @@ def parse_actions(text, spec, horizon):
     return a.clamp(-1, 1)
 
 
-def compare_gif(model, ck, path, n=4, horizon=16, steps=4, seed=0, device="cpu", actions=None):
+def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=None, **sampling):
     """GIF of n held-out episodes: ground truth | rollout under recorded actions | under other actions
     (another episode's, or `actions` (H, ...) given for every episode)."""
     k = model.backbone.cfg.clip_len - 1
@@ -165,34 +217,70 @@ def compare_gif(model, ck, path, n=4, horizon=16, steps=4, seed=0, device="cpu",
     mine = a.roll(1, 0)[:, k:] if actions is None else actions.to(device).expand((len(a),) + actions.shape)
     other = torch.cat([a[:, :k], mine], 1)
     g = lambda: torch.Generator(device).manual_seed(seed)
-    pred = rollout(model, x[:, :k], a, steps, generator=g())
-    pred_other = rollout(model, x[:, :k], other, steps, generator=g())
+    pred = rollout(model, x[:, :k], a, generator=g(), **sampling)
+    pred_other = rollout(model, x[:, :k], other, generator=g(), **sampling)
     ctx = to_uint8(x[:, :k])
     vids = [to_uint8(x)] + [np.concatenate([ctx, to_uint8(p)], 1) for p in (pred, pred_other)]
     save_gif(path, vids, ["truth", "model", "other acts" if actions is None else "--actions"])
 
 
+def bench_cache(frames=16, batch=8, device="cpu"):
+    """Time each new frame of a `frames`-frame rollout of a video GPT whose window holds the whole rollout
+    (1 context frame + frames), with and without the KV cache. Untrained weights: the cost does not depend on them."""
+    import time
+    from model import ARConfig
+    torch.manual_seed(0)
+    gpt = BACKBONES["ar"][0](ARConfig(clip_len=frames + 1))
+    model = WorldModel(gpt, "film", dict(discrete=True, n_actions=5, action_dim=0)).to(device).eval()
+    ctx = torch.rand(batch, 1, 3, gpt.cfg.size, gpt.cfg.size, device=device) * 2 - 1
+    acts = torch.randint(0, 5, (batch, frames + 1), device=device)
+    rows = {}
+    for use in (True, False):
+        stamps = [time.perf_counter()]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        rollout(model, ctx, acts, temperature=1.0, use_cache=use, on_frame=lambda f: (sync(), stamps.append(time.perf_counter())))
+        rows[use] = np.diff(stamps) * 1000
+    print(f"video GPT ({sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters, {gpt.n_tok} codes per frame), "
+          f"batch {batch}, {device}: ms to sample each new frame")
+    print("frame  " + " ".join(f"{i:>6d}" for i in range(2, frames + 2)))
+    for use in (True, False):
+        print(f"{'cache' if use else 'none':5s}  " + " ".join(f"{t:6.0f}" for t in rows[use]))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    p.add_argument("--ckpt", help="a checkpoint written by train.py")
+    p.add_argument("--bench_cache", action="store_true", help="time a 16-frame video-GPT rollout with and without the "
+                   "KV cache (no checkpoint needed), then exit")
     p.add_argument("--out", default="rollout.gif", help="the GIF to write")
     p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
     p.add_argument("--horizon", type=int, default=16, help="frames to roll out after the context")
-    p.add_argument("--steps", type=int, default=4, help="Euler steps per frame")
+    p.add_argument("--steps", type=int, default=4, help="dit: Euler steps per frame")
+    p.add_argument("--temperature", type=float, default=None, help="ar: sampling temperature (default: the one the "
+                   "checkpoint was evaluated with; 0 picks the most likely code)")
+    p.add_argument("--top_k", type=int, default=None, help="ar: sample from the k most likely codes (0: all; default: as trained)")
     p.add_argument("--actions", default="", help="drive the third column with these actions instead of another "
                    "episode's: ids like 4,4,1 (coin: 0 stay 1 up 2 down 3 left 4 right) or vectors like 1,0;0,-1 (pusher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device, _, why = pick_device(a.device)
+    if a.bench_cache:
+        return bench_cache(device=device)
+    if not a.ckpt:
+        raise UserError("--ckpt is required: a checkpoint written by train.py (or pass --bench_cache)")
     model, ck = load_model(a.ckpt, device)
+    trained = ck["config"]
+    a.temperature = trained.get("temperature") or 0.0 if a.temperature is None else a.temperature
+    a.top_k = trained.get("top_k") or 0 if a.top_k is None else a.top_k
     L = ck["data"]["episode_len"] + 1 - model.backbone.cfg.clip_len
     if not 1 <= a.horizon <= L:
         raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")
     if not a.out.lower().endswith(".gif"):
         raise UserError(f"--out should name a .gif file; got '{a.out}'")
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
-    compare_gif(model, ck, a.out, a.n, a.horizon, a.steps, a.seed, device, acts)
+    compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, steps=a.steps, temperature=a.temperature, top_k=a.top_k)
     print(f"wrote {a.out}: {a.n} held-out '{ck['data']['env']}' episodes, {a.horizon} frames ({why})")
 
 

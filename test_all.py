@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from data import DataConfig, UserError, WORLDS, generate_episodes, locate_agent, make_world
-from model import DiT, DiTConfig
+from model import ARConfig, DiT, DiTConfig, VideoGPT
 from adapter import WorldModel
-from loss import flow_matching_loss, motion_weights
+from loss import LOSSES, flow_matching_loss, motion_weights
 from sample import read_checkpoint, rollout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = DiTConfig(size=16, patch=4, clip_len=3, width=32, depth=2, heads=2)
+SMALL_AR = ARConfig(size=16, clip_len=3, width=32, depth=2, heads=2, codes=16, tok_width=8)
+BACKBONE_KINDS = ["dit", "ar"]
 SPECS = {"coin": dict(discrete=True, n_actions=5, action_dim=0), "pusher": dict(discrete=False, n_actions=0, action_dim=2)}
 TINY_FLAGS = ["--size", "16", "--width", "32", "--depth", "2", "--heads", "2", "--batch_size", "8", "--n_free", "24",
               "--n_labelled", "24", "--horizon", "3", "--eval_clips", "4", "--log_interval", "2"]
@@ -28,14 +30,31 @@ def actions_for(spec, B, T, seed=0):
     return torch.rand(B, T, spec["action_dim"], generator=g) * 2 - 1
 
 
-def trained_backbone(steps=10):
-    """A small DiT whose weights have moved away from their (partly zero) initialisation."""
+def new_backbone(kind):
     torch.manual_seed(0)
-    bb = DiT(SMALL)
-    opt = torch.optim.Adam(bb.parameters(), 1e-2)
+    return DiT(SMALL) if kind == "dit" else VideoGPT(SMALL_AR)
+
+
+def backbone_input(kind, B=2, seed=0):
+    """A clip as each backbone takes it, 3 frames: (noisy frames, noise levels) or (codes,)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "dit":
+        return torch.randn(B, 3, 3, 16, 16, generator=g), torch.rand(B, 3, generator=g)
+    return (torch.randint(0, SMALL_AR.codes, (B, 3, 16), generator=g),)
+
+
+def frames_of(y):
+    """A backbone's output split by frame: (B, T, ...) frames stay; GPT logits (B, T*N, K) -> (B, T, N, K)."""
+    return y if y.dim() == 5 else y.view(y.shape[0], 3, -1, y.shape[-1])
+
+
+def trained_backbone(kind="dit", steps=10):
+    """A small backbone whose weights have moved away from their (partly zero) initialisation."""
+    bb = new_backbone(kind)
+    opt = torch.optim.Adam([p for p in bb.parameters() if p.requires_grad], 1e-2)
     x = torch.rand(4, 3, 3, 16, 16) * 2 - 1
     for _ in range(steps):
-        loss = flow_matching_loss(WorldModel(bb), x)
+        loss = LOSSES[kind](WorldModel(bb), x, motion_c=0.0, cell=bb.cell)
         opt.zero_grad(); loss.backward(); opt.step()
     return bb
 
@@ -103,65 +122,121 @@ def test_episodes_have_the_documented_layout():
 # ----------------------------------------------------------------------------------------------
 # the backbone and the adapter
 
+@pytest.mark.parametrize("kind", BACKBONE_KINDS)
 @pytest.mark.parametrize("adapter", ["film", "input", "none"])
 @pytest.mark.parametrize("world", list(SPECS))
-def test_shapes(adapter, world):
-    m = WorldModel(DiT(SMALL), adapter, SPECS[world])
-    x, tau = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3)
-    assert m(x, tau, actions_for(SPECS[world], 2, 3)).shape == x.shape
-    assert m(x[:, :2], tau[:, :2], actions_for(SPECS[world], 2, 2)).shape == (2, 2, 3, 16, 16)
+def test_shapes(kind, adapter, world):
+    m = WorldModel(new_backbone(kind), adapter, SPECS[world])
+    args = backbone_input(kind)
+    y = m(*args, actions=actions_for(SPECS[world], 2, 3))
+    assert y.shape == ((2, 3, 3, 16, 16) if kind == "dit" else (2, 3 * 16, SMALL_AR.codes))
+    y2 = m(*(a[:, :2] for a in args), actions=actions_for(SPECS[world], 2, 2))
+    assert y2.shape[1] == y.shape[1] * 2 // 3
 
 
+@pytest.mark.parametrize("kind", BACKBONE_KINDS)
 @pytest.mark.parametrize("adapter", ["film", "input"])
 @pytest.mark.parametrize("world", list(SPECS))
-def test_attached_adapter_leaves_a_trained_backbone_unchanged(adapter, world):
-    bb = trained_backbone()
-    x, tau = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3)
+def test_attached_adapter_leaves_a_trained_backbone_unchanged(kind, adapter, world):
+    bb = trained_backbone(kind)
+    args = backbone_input(kind)
     with torch.no_grad():
-        before = bb(x, tau)
-        after = WorldModel(bb, adapter, SPECS[world])(x, tau, actions_for(SPECS[world], 2, 3))
+        before = bb(*args)
+        after = WorldModel(bb, adapter, SPECS[world])(*args, actions=actions_for(SPECS[world], 2, 3))
     assert before.abs().mean() > 1e-3                                  # the backbone is not trivially zero
     assert torch.equal(before, after)
 
 
-def test_adapter_changes_output_once_trained_and_is_per_frame():
-    """After a step of training the adapter does respond to actions, and only in the frame they lead into."""
-    m = WorldModel(trained_backbone(), "film", SPECS["coin"])
+@pytest.mark.parametrize("kind", BACKBONE_KINDS)
+def test_adapter_changes_output_once_trained_and_is_per_frame(kind):
+    """After a few steps of training the adapter responds to actions, and only in the frame they lead into:
+    a token never sees an action that comes after its frame."""
+    m = WorldModel(trained_backbone(kind), "film", SPECS["coin"])
     opt = torch.optim.Adam(m.adapter.parameters(), 1e-2)
     x = torch.rand(4, 3, 3, 16, 16) * 2 - 1
     for _ in range(3):
-        loss = flow_matching_loss(m, x, actions_for(SPECS["coin"], 4, 3))
+        loss = LOSSES[kind](m, x, actions_for(SPECS["coin"], 4, 3), motion_c=0.0, cell=m.backbone.cell)
         opt.zero_grad(); loss.backward(); opt.step()
     a = torch.zeros(2, 3, dtype=torch.long)
     b = a.clone(); b[:, 2] = 4                                          # change only the action into frame 2
+    args = backbone_input(kind)
     with torch.no_grad():
-        tau = torch.full((2, 3), 0.5)
-        ya, yb = m(x[:2], tau, a), m(x[:2], tau, b)
+        ya, yb = frames_of(m(*args, actions=a)), frames_of(m(*args, actions=b))
     assert torch.equal(ya[:, :2], yb[:, :2])                            # earlier frames never see a later action
     assert not torch.allclose(ya[:, 2], yb[:, 2])
 
 
-def test_causality_later_frames_do_not_change_earlier_outputs():
-    m = WorldModel(trained_backbone(), "film", SPECS["coin"]).eval()
-    x, tau, a = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3), actions_for(SPECS["coin"], 2, 3)
-    x2, tau2 = x.clone(), tau.clone()
-    x2[:, 2] = torch.randn(2, 3, 16, 16); tau2[:, 2] = 0.9
+@pytest.mark.parametrize("kind", BACKBONE_KINDS)
+def test_causality_later_frames_do_not_change_earlier_outputs(kind):
+    m = WorldModel(trained_backbone(kind), "film", SPECS["coin"]).eval()
+    args, a = backbone_input(kind), actions_for(SPECS["coin"], 2, 3)
+    other = backbone_input(kind, seed=1)
+    args2 = tuple(torch.cat([u[:, :2], v[:, 2:]], 1) for u, v in zip(args, other))   # only frame 2 differs
     with torch.no_grad():
-        y, y2 = m(x, tau, a), m(x2, tau2, a)
+        y, y2 = frames_of(m(*args, actions=a)), frames_of(m(*args2, actions=a))
     assert torch.allclose(y[:, :2], y2[:, :2], atol=1e-6)
     assert not torch.allclose(y[:, 2], y2[:, 2])
+
+
+def test_gpt_codes_are_causal_inside_a_frame_too():
+    """The logits of slot (i, p) depend on codes strictly before it in sampling order, never on (i, p) or later."""
+    m = WorldModel(trained_backbone("ar"), "film", SPECS["coin"]).eval()
+    (z,), a = backbone_input("ar"), actions_for(SPECS["coin"], 2, 3)
+    z2 = z.clone()
+    z2[:, 1, 5:] = (z2[:, 1, 5:] + 1) % SMALL_AR.codes                 # change frame 1 from code 5 on
+    with torch.no_grad():
+        y, y2 = m(z, actions=a), m(z2, actions=a)
+    cut = 16 + 5                                                        # slot (1, 5)
+    assert torch.allclose(y[:, :cut + 1], y2[:, :cut + 1], atol=1e-6)  # slot (1, 5) itself reads only codes < 5
+    assert not torch.allclose(y[:, cut + 1:], y2[:, cut + 1:])
+
+
+def test_kv_cache_gives_the_logits_of_a_full_forward_pass():
+    m = WorldModel(trained_backbone("ar"), "film", SPECS["pusher"]).eval()
+    (z,), a = backbone_input("ar"), actions_for(SPECS["pusher"], 2, 3)
+    for g in m.adapter.g:                                               # a non-trivial adapter
+        torch.nn.init.normal_(g[-1].weight, std=0.1)
+    with torch.no_grad():
+        full = m(z, actions=a)
+        cache = m.backbone.new_cache()
+        parts = [m(z, cache=cache, stop=20, actions=a)]                 # a prefill, then one slot at a time
+        parts += [m(z, cache=cache, stop=s, actions=a) for s in range(21, 49)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    x, acts = torch.rand(2, 1, 3, 16, 16) * 2 - 1, actions_for(SPECS["pusher"], 2, 6)
+    g = lambda: torch.Generator().manual_seed(0)
+    r1 = rollout(m, x, acts, temperature=1.0, generator=g())
+    r2 = rollout(m, x, acts, temperature=1.0, generator=g(), use_cache=False)
+    assert r1.shape == (2, 5, 3, 16, 16) and torch.equal(r1, r2)       # same samples with and without the cache
+
+
+def test_tokenizer_round_trip():
+    """A few hundred steps on a handful of frames: the codes decode back to the frames, and the codebook is used."""
+    from model import make_tokenizer
+    torch.manual_seed(0)
+    ep = generate_episodes(DataConfig(env="pusher", size=16), 2, seed=0)
+    x = torch.from_numpy(ep["frames"][:, ::4]).flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1   # (18, 3, 16, 16)
+    tok = make_tokenizer(ARConfig(size=16, codes=64, tok_width=16))
+    opt = torch.optim.Adam(tok.parameters(), 3e-3)
+    for _ in range(300):
+        loss, _ = tok.loss(x)
+        opt.zero_grad(); loss.backward(); opt.step()
+    tok.eval()
+    ids = tok.encode(x)
+    assert ids.shape == (18, 16) and ids.dtype == torch.long and ids.unique().numel() > 8
+    mse = ((tok.decode(ids) - x) / 2).pow(2).mean()
+    assert -10 * torch.log10(mse) > 24, f"round trip psnr {-10 * torch.log10(mse):.1f} dB"
 
 
 def test_wrong_action_shapes_are_user_errors():
     m = WorldModel(DiT(SMALL), "film", SPECS["coin"])
     x, tau = torch.randn(2, 3, 3, 16, 16), torch.rand(2, 3)
     with pytest.raises(UserError, match="discrete actions of shape"):
-        m(x, tau, torch.zeros(2, 3, 2))
+        m(x, tau, actions=torch.zeros(2, 3, 2))
     with pytest.raises(UserError, match=r"\[0, 5\)"):
-        m(x, tau, torch.full((2, 3), 9))
-    mp = WorldModel(DiT(SMALL), "film", SPECS["pusher"])
+        m(x, tau, actions=torch.full((2, 3), 9))
+    mp = WorldModel(VideoGPT(SMALL_AR), "film", SPECS["pusher"])
     with pytest.raises(UserError, match="continuous actions of shape"):
-        mp(x, tau, torch.zeros(2, 3, 5))
+        mp(*backbone_input("ar"), actions=torch.zeros(2, 3, 5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,3 +368,78 @@ def test_help_lists_the_flags():
                  "--stage", "--init_from", "--resume"):
         assert flag in r.stdout
     assert run("data.py", "--list").stdout.split() == list(WORLDS)
+
+
+# ----------------------------------------------------------------------------------------------
+# the autoregressive backbone end to end
+
+def test_ar_backbone_trains_end_to_end_and_samples(tmp_path):
+    out = tmp_path / "ar"
+    r = run("train.py", "--backbone", "ar", "--out", str(out), "--data_dir", str(tmp_path / "data"), "--max_iters", "3",
+            "--env", "pusher", *TINY_FLAGS)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.load(open(out / "metrics.json"))
+    assert m["backbone"] == "ar" and m["stages"] == ["tokenizer", "pretrain", "finetune"]
+    assert np.isfinite(m["tokenizer_psnr"]) and np.isfinite(m["psnr"]) and "pos_err_shuffled" in m
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(out / "ckpt.pt"), "--out", str(tmp_path / "x.gif"),
+            "--horizon", "3", "--top_k", "4", "--temperature", "0.7", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the tokenizer can be reused by a new run, which then skips that stage
+    r = run("train.py", "--backbone", "ar", "--out", str(tmp_path / "ar2"), "--data_dir", str(tmp_path / "data"),
+            "--max_iters", "2", "--env", "pusher", "--stage", "scratch", "--tokenizer", str(out / "tokenizer.pt"), *TINY_FLAGS)
+    assert r.returncode == 0 and "--- tokenizer" not in r.stdout, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# mbrl.py: the planner, prioritized imagination, the loop
+
+@pytest.mark.parametrize("name", list(WORLDS))
+def test_planner_in_the_true_simulator_beats_random_actions(name):
+    from mbrl import MBRLConfig, mpc_policy, true_scores_of
+    from data import play_episodes
+    cfg = MBRLConfig(env=name, horizon=4, candidates=32, elites=4, cem_iters=2)
+    w = make_world(name, num=6, size=16, max_steps=16, seed=5)
+    rng = np.random.default_rng(0)
+    R_rand = play_episodes(w, lambda o, t: w.random_action(rng), 16)["rewards"].sum(1).mean()
+    w = make_world(name, num=6, size=16, max_steps=16, seed=5)
+    sim = make_world(name, num=6, size=16)
+    spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
+    act, times = mpc_policy(w, lambda o, p, c: true_scores_of(w, sim, c, cfg.gamma), spec, cfg, rng, 0.0,
+                            torch.Generator().manual_seed(0))
+    R_plan = play_episodes(w, act, 16)["rewards"].sum(1).mean()
+    assert len(times) == 16
+    assert R_plan > R_rand + (1.0 if name == "coin" else 2.0), (R_plan, R_rand)   # coin: +1 coin; pusher: far closer
+
+
+def test_priority_sampling_prefers_large_td_errors_with_correct_weights():
+    from mbrl import Priorities
+    pr = Priorities(alpha=1.0, beta=0.5, seed=0, eps=0.0)
+    pr.grow(4)
+    pr.update(np.arange(4), np.array([1.0, 1.0, 1.0, 7.0]))
+    idx, w = pr.sample(20000)
+    freq = np.bincount(idx, minlength=4) / len(idx)
+    assert np.allclose(freq, [0.1, 0.1, 0.1, 0.7], atol=0.02)           # P(j) = p_j / sum p
+    P = np.array([0.1, 0.1, 0.1, 0.7])
+    want = (4 * P) ** -0.5 / ((4 * P) ** -0.5).max()
+    assert np.allclose(w, want[idx], atol=1e-5)                          # (N P(j))^-b / max
+    uni = Priorities(alpha=0.0, beta=0.5, seed=0)
+    uni.grow(4); uni.update(np.arange(4), np.array([1.0, 1.0, 1.0, 7.0]))
+    idx, w = uni.sample(1000)
+    assert np.allclose(w, 1.0) and abs(np.mean(idx == 3) - 0.25) < 0.05  # a = 0: uniform, weights 1
+    pr.grow(2)
+    assert np.all(pr.p[4:] == pr.p[:4].max())                            # new states enter at the top priority
+
+
+def test_mbrl_runs_end_to_end(tmp_path):
+    r = run("mbrl.py", "--env", "pusher", "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2",
+            "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3", "--update_iters", "2",
+            "--value_iters", "2", "--eval_episodes", "2", "--candidates", "8", "--elites", "2", "--episode_len", "6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(tmp_path / "m" / "results.json"))
+    assert {"model_mpc_prioritized", "model_mpc_uniform", "random", "oracle_mpc"} <= set(res["methods"])
+    m = res["methods"]["model_mpc_prioritized"]
+    assert len(m["curves"]) == 2 and len(m["curves"][0]) == 2 and m["env_steps"][0][1] > m["env_steps"][0][0]
+    assert "normalized" in res and res["decision_ms"] > 0
+    assert (tmp_path / "m" / "curves.png").stat().st_size > 1000
+    bad = run("mbrl.py", "--env", "nowhere", "--out", str(tmp_path / "n"))
+    assert bad.returncode != 0 and "unknown world" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,11 +2,13 @@
 fine-tune on action-labelled clips, evaluate, save.
 
     python train.py --backbone dit                  # the whole recipe, preset picked by device
+    python train.py --backbone ar                   # the same with the VQ tokenizer + video GPT
     python train.py --env pusher --adapter input    # another world, the input-level baseline
     python train.py --stage scratch                 # no pre-training: adapter from the start
     python train.py --resume --out out              # continue a stopped run
 
 Stages and the files they write in --out:
+    tokenizer  (--backbone ar) the per-frame VQ tokenizer on action-free frames -> tokenizer.pt
     pretrain   action-free corpus, no adapter                     -> pretrain.pt
     finetune   action-labelled corpus, adapter attached to the    -> ckpt.pt, metrics.json, rollout.gif
                pre-trained backbone (from pretrain.pt or --init_from)
@@ -26,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from data import ClipSampler, DataConfig, UserError, locate_agent, load_corpus, make_world, run_cli, to_uint8, WORLDS
-from model import BACKBONES, flops_per_token, pick_device
+from model import ARConfig, BACKBONES, VideoGPT, flops_per_token, make_tokenizer, pick_device
 from adapter import ADAPTERS
-from loss import flow_matching_loss
+from loss import LOSSES
 from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, rollout
 
 
@@ -47,6 +49,8 @@ class TrainConfig:
     motion_temp: float = opt(0.05, "softmax temperature of the motion weights")
     preset: str = opt("auto", "size preset: tiny (CPU) | gpu (one GPU) | auto (picked by device)")
     init_from: str = opt("", "a checkpoint whose backbone starts the finetune stage")
+    tokenizer: str = opt("", "--backbone ar: reuse the tokenizer of this checkpoint (tokenizer.pt or any ar checkpoint) "
+                             "instead of training one")
     out: str = opt("out", "output folder: checkpoints, metrics.json, rollout.gif, train.log")
     resume: bool = opt(False, "continue the run in --out from its checkpoints")
     seed: int = opt(0, "random seed (data, initialisation, noise)")
@@ -55,8 +59,12 @@ class TrainConfig:
     max_iters: int = opt(0, "iterations per stage (0: the preset's)")
     # --- filled in by the preset unless given
     size: int = opt(None, "frame size in pixels")
-    patch: int = opt(None, "patch size")
-    margin: int = opt(None, "pixels around its patch each token also sees")
+    patch: int = opt(None, "dit: patch size")
+    margin: int = opt(None, "dit: pixels around its patch each token also sees")
+    down: int = opt(None, "ar: the tokenizer halves each frame this many times")
+    codes: int = opt(None, "ar: codebook size")
+    reach: int = opt(None, "ar: each code also sees this many cells around it in the frame before")
+    tokenizer_iters: int = opt(None, "ar: iterations of the tokenizer stage")
     width: int = opt(None, "transformer width")
     depth: int = opt(None, "transformer blocks")
     heads: int = opt(None, "attention heads")
@@ -75,19 +83,23 @@ class TrainConfig:
     ema: float = opt(0.999, "EMA decay of the evaluation weights")
     horizon: int = opt(8, "frames rolled out in evaluation")
     eval_clips: int = opt(96, "held-out clips in evaluation")
-    sample_steps: int = opt(4, "Euler steps per generated frame")
+    sample_steps: int = opt(4, "dit: Euler steps per generated frame")
+    temperature: float = opt(None, "ar: sampling temperature (0: the most likely code)")
+    top_k: int = opt(None, "ar: sample from the k most likely codes (0: all)")
     log_interval: int = opt(50, "iterations between log lines")
     ckpt_seconds: float = opt(60.0, "seconds between checkpoints")
     data_dir: str = opt("data_cache", "where generated corpora are cached")
 
 
-PRESETS = {
-    "tiny": dict(size=32, patch=4, margin=4, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3,
-                 pretrain_iters=1000, finetune_iters=2000, n_free=1024, n_labelled=384,
-                 expect="about 11 min on a 2-core CPU"),
-    "gpu": dict(size=64, patch=4, margin=4, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4,
-                pretrain_iters=8000, finetune_iters=8000, n_free=8192, n_labelled=2048,
-                expect="see README for the measured time on one GPU"),
+PRESETS = {   # shared fields, then each backbone's own
+    "tiny": dict(size=32, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3, n_free=1024, n_labelled=384,
+                 dit=dict(patch=4, margin=4, pretrain_iters=1000, finetune_iters=2000, expect="about 11 min on a 2-core CPU"),
+                 ar=dict(down=2, codes=512, reach=1, tokenizer_iters=2000, pretrain_iters=800, finetune_iters=2000,
+                         temperature=0.0, top_k=0, expect="about 18 min on a 2-core CPU")),
+    "gpu": dict(size=64, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4, n_free=8192, n_labelled=2048,
+                dit=dict(patch=4, margin=4, pretrain_iters=8000, finetune_iters=8000, expect="see README for the time on one GPU"),
+                ar=dict(down=2, codes=1024, reach=2, tokenizer_iters=5000, pretrain_iters=8000, finetune_iters=8000,
+                        temperature=1.0, top_k=0, expect="see README for the time on one GPU")),
 }
 
 
@@ -117,12 +129,14 @@ def resolve(cfg, device):
     if name not in PRESETS:
         raise UserError(f"unknown preset '{cfg.preset}': choose one of auto, {', '.join(PRESETS)}")
     cfg.preset = name
-    for k, v in PRESETS[name].items():
+    preset = {k: v for k, v in PRESETS[name].items() if not isinstance(v, dict)} | PRESETS[name][cfg.backbone]
+    for k, v in preset.items():
         if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
-    return PRESETS[name]["expect"]
+        cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
+    return preset["expect"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +197,7 @@ def evaluate(model, cfg, data, device):
     runs = {}
     for name, acts in (("", a), ("_shuffled", shuffled)):
         g = torch.Generator(device).manual_seed(cfg.seed)                   # same noise for both: only actions differ
-        runs[name] = rollout(model, x[:, :k], acts, cfg.sample_steps, generator=g)
+        runs[name] = rollout(model, x[:, :k], acts, generator=g, **sampling(cfg))
     runs["_copy_last"] = x[:, k - 1:k].expand_as(true)
     m = {}
     agent = make_world(cfg.env).agent_size
@@ -191,8 +205,17 @@ def evaluate(model, cfg, data, device):
         m["psnr" + name] = psnr(pred, true).mean().item()
         m["ssim" + name] = ssim(pred.cpu(), true.cpu()).mean().item()
         m["pos_err" + name], m["pos_missing" + name] = position_error(pred, true, agent)
-    m.update(horizon=cfg.horizon, clips=len(x), context=k, sample_steps=cfg.sample_steps)
+    if isinstance(model.backbone, VideoGPT):
+        tok = model.backbone.tokenizer
+        m["tokenizer_psnr"] = psnr(tok.decode(tok.encode(true)), true).mean().item()
+    m.update(horizon=cfg.horizon, clips=len(x), context=k, **sampling(cfg))
     return m
+
+
+def sampling(cfg):
+    """The sampler's settings, as rollout() takes them."""
+    return dict(steps=cfg.sample_steps, temperature=1.0 if cfg.temperature is None else cfg.temperature,
+                top_k=cfg.top_k or 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,18 +254,20 @@ class Logger:
             f.write(msg + "\n")
 
 
-def lr_at(step, cfg, iters):
-    """Linear warm-up, then cosine decay to lr * min_lr_frac."""
+def lr_at(step, cfg, iters, peak=None):
+    """Linear warm-up, then cosine decay to peak * min_lr_frac (peak: cfg.lr unless given)."""
+    peak = cfg.lr if peak is None else peak
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return peak * (step + 1) / cfg.warmup
     p = min(1.0, (step - cfg.warmup) / max(1, iters - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+    return peak * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None):
+def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None, tokenizer=None):
     """Train one stage; returns its final checkpoint dict. desc holds backbone, model_args, spec, data.
 
-    init: a checkpoint whose backbone weights start this stage; resume: this stage's own unfinished checkpoint."""
+    init: a checkpoint whose backbone weights start this stage; resume: this stage's own unfinished checkpoint;
+    tokenizer: the (frozen) tokenizer weights a video GPT starts from, when init does not bring them."""
     path = os.path.join(cfg.out, "pretrain.pt" if stage == "pretrain" else "ckpt.pt")
     iters = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
     adapter = "none" if stage == "pretrain" else cfg.adapter
@@ -250,6 +275,8 @@ def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None):
     model, ema = build_model(ck).to(device), build_model(ck).to(device)
     if init is not None:
         model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in init["ema"].items() if k.startswith("backbone.")})
+    elif tokenizer is not None:
+        model.backbone.tokenizer.load_state_dict(tokenizer)
     if stage == "finetune" and cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -295,7 +322,7 @@ def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None):
         x = batch["frames"].to(device, non_blocking=True)
         a = batch["actions"].to(device) if model.adapter is not None else None
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = flow_matching_loss(fwd, x, a, cfg.motion_weight, cfg.motion_temp, cell=mcfg.patch)
+            loss = LOSSES[desc["backbone"]](fwd, x, a, cfg.motion_weight, cfg.motion_temp, cell=model.backbone.cell)
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at {stage} step {step}: lower --lr (now {cfg.lr}); "
                             f"the last good checkpoint, if any, is untouched at {path}")
@@ -325,12 +352,60 @@ def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None):
     return ck
 
 
+def train_tokenizer(cfg, desc, device, log):
+    """The tokenizer stage (--backbone ar): fit the per-frame VQ tokenizer (model.py) to frames of the
+    action-free corpus; returns its checkpoint, with its PSNR on held-out frames."""
+    path = os.path.join(cfg.out, "tokenizer.pt")
+    tok = make_tokenizer(ARConfig(**desc["model_args"])).to(device)
+    optim = torch.optim.AdamW(tok.parameters(), lr=2e-3, weight_decay=0.0)      # constant: measured better than a decay here
+    data = load_corpus(DataConfig(**desc["data"]), labelled=False)
+    sampler = ClipSampler(data.train, 1, seed=cfg.seed + 2)
+    iters = cfg.tokenizer_iters
+    log(f"--- tokenizer: {iters} iters, {sum(p.numel() for p in tok.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(tok.codebook)} codes, {desc['model_args']['size'] // 2 ** tok.down}^2 codes per frame")
+    tok.train()
+    t_last, loss_acc = time.time(), 0.0
+    for step in tqdm(range(iters), desc="tokenizer", disable=None, dynamic_ncols=True):
+        loss, _ = tok.loss(sampler.sample(2 * cfg.batch_size)["frames"][:, 0].to(device))
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        loss_acc += loss.item()
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == iters:
+            n = cfg.log_interval if (step + 1) % cfg.log_interval == 0 else (step + 1) % cfg.log_interval
+            log(f"tokenizer step {step + 1:5d}/{iters} | loss {loss_acc / n:.4f} | {1000 * (time.time() - t_last) / n:.0f} ms/iter")
+            t_last, loss_acc = time.time(), 0.0
+    tok.eval()
+    held = ClipSampler(data.test, 1, seed=0).sample(256)["frames"].to(device)        # (256, 1, C, S, S)
+    tok_psnr = psnr(tok.decode(tok.encode(held)), held).mean().item()
+    log(f"tokenizer: held-out psnr {tok_psnr:.2f} dB, {int((tok.usage >= 1).sum())}/{len(tok.usage)} codes in use")
+    ck = dict(desc, format=CKPT_FORMAT, adapter="none", stage="tokenizer", config=asdict(cfg), step=iters, iters=iters,
+              tokenizer=tok.state_dict(), tokenizer_psnr=tok_psnr)
+    save_checkpoint(path, ck)
+    return ck
+
+
+def tokenizer_weights(ck, path):
+    """The tokenizer state dict held by a tokenizer.pt or by any checkpoint of the ar backbone."""
+    if ck["backbone"] != "ar":
+        raise UserError(f"--tokenizer {path} holds a '{ck['backbone']}' model, which has no tokenizer: pass tokenizer.pt "
+                        f"or a checkpoint of --backbone ar")
+    if "tokenizer" in ck:
+        return ck["tokenizer"]
+    p = "backbone.tokenizer."
+    return {k[len(p):]: v for k, v in ck["ema"].items() if k.startswith(p)}
+
+
 def train(cfg):
     device, amp, why = pick_device(cfg.device)
     expect = resolve(cfg, device)
     stages = {"all": ["pretrain", "finetune"], "scratch": ["scratch"], "pretrain": ["pretrain"],
               "finetune": ["finetune"]}[cfg.stage]
-    files = {s: os.path.join(cfg.out, "pretrain.pt" if s == "pretrain" else "ckpt.pt") for s in stages}
+    tok_from = read_checkpoint(cfg.tokenizer) if cfg.tokenizer else None
+    if cfg.backbone == "ar" and tok_from is None and not cfg.init_from and stages[0] != "finetune":
+        stages = ["tokenizer"] + stages
+    files = {s: os.path.join(cfg.out, {"pretrain": "pretrain.pt", "tokenizer": "tokenizer.pt"}.get(s, "ckpt.pt"))
+             for s in stages}
     if not cfg.resume:
         clash = [f for f in files.values() if os.path.exists(f)]
         if clash:
@@ -353,7 +428,10 @@ def train(cfg):
     world = make_world(cfg.env)
     spec = dict(discrete=world.discrete, n_actions=world.n_actions, action_dim=world.action_dim)
     cls, mcls = BACKBONES[cfg.backbone]
-    margs = dict(size=cfg.size, patch=cfg.patch, margin=cfg.margin, clip_len=cfg.clip_len, width=cfg.width, depth=cfg.depth, heads=cfg.heads)
+    margs = {f.name: getattr(cfg, f.name) for f in fields(mcls) if getattr(cfg, f.name, None) is not None}
+    if tok_from is not None:
+        tok_args = ("size", "channels", "down", "codes", "code_dim", "tok_width")
+        margs.update({k: v for k, v in tok_from["model_args"].items() if k in tok_args})
     if init is not None:
         margs = init["model_args"]
     dcfg = DataConfig(env=cfg.env, size=margs["size"], n_free=cfg.n_free, n_labelled=cfg.n_labelled,
@@ -362,11 +440,19 @@ def train(cfg):
     log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env}' | stages {' -> '.join(stages)} | out {cfg.out}")
     torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
     t0 = time.time()
+    tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
     for stage in stages:
         prev = read_checkpoint(files[stage]) if cfg.resume and os.path.exists(files[stage]) else None
         if prev is not None and (prev["backbone"] != cfg.backbone or prev["data"]["env"] != cfg.env):
             raise UserError(f"{files[stage]} is a '{prev['backbone']}' run on '{prev['data']['env']}', not "
                             f"'{cfg.backbone}' on '{cfg.env}': pass the same --backbone and --env, or another --out")
+        if stage == "tokenizer":
+            if prev is None:
+                prev = train_tokenizer(cfg, desc, device, log)
+            else:
+                log(f"resume: tokenizer already trained in {files[stage]}, reusing it")
+            tok = prev["tokenizer"]
+            continue
         iters = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
         if prev is not None and prev["step"] >= iters:
             log(f"resume: {stage} already finished in {files[stage]}, skipping it")
@@ -374,7 +460,7 @@ def train(cfg):
         else:
             if prev is not None:
                 desc = {k: prev[k] for k in desc}
-            ck = run_stage(stage, cfg, desc, device, amp, log, init=init, resume=prev)
+            ck = run_stage(stage, cfg, desc, device, amp, log, init=init, resume=prev, tokenizer=tok)
         init = ck
     model = build_model(ck).to(device)
     model.load_state_dict(ck["ema"])
@@ -386,7 +472,7 @@ def train(cfg):
              params=sum(p.numel() for p in model.parameters()))
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
-    compare_gif(model, ck, os.path.join(cfg.out, "rollout.gif"), steps=cfg.sample_steps, device=device)
+    compare_gif(model, ck, os.path.join(cfg.out, "rollout.gif"), device=device, **sampling(cfg))
     log(f"psnr {m['psnr']:.2f} dB (shuffled actions {m['psnr_shuffled']:.2f}, copy-last {m['psnr_copy_last']:.2f}) | "
         f"ssim {m['ssim']:.3f} | pos_err {m['pos_err']:.2f} px (shuffled {m['pos_err_shuffled']:.2f}, "
         f"copy-last {m['pos_err_copy_last']:.2f}) | missing {m['pos_missing']:.1%}")

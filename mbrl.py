@@ -1,0 +1,540 @@
+"""mbrl.py — planning inside the learned world simulator, with prioritized imagination (method.md §3).
+
+    python mbrl.py                              # coin: MPC in the learned model vs random vs MPC in the true world
+    python mbrl.py --env pusher --seeds 3       # mean and spread over seeds
+    python mbrl.py --imagination both           # prioritized vs uniform imagination, same seeds, one plot
+    python mbrl.py --init_from out/ckpt.pt      # start from a world model trained by train.py
+
+The loop, per seed:
+  1. play --seed_episodes episodes with random actions: the replay buffer of real transitions;
+  2. fit the world model (model.py + adapter.py, trained by loss.py) and a reward head (with an
+     episode-end head) on the buffer: during planning, rewards come from these heads, never from the world;
+  3. for --rounds rounds: evaluate; act with MPC in the real world (--episodes, with exploration), add the
+     data; update the world model and heads; train the value function by TD in imagination.
+
+The planner is MPC with the cross-entropy method: for every world at once, sample action sequences of
+--horizon steps (a Gaussian per step for continuous actions, a categorical one for discrete actions),
+score them all in one batched world-model rollout,
+
+    score = sum_h gamma^h alive_h r_hat(s_h, s_h+1) + gamma^H alive_H V(s_H),
+
+refit the distribution to the best --elites, repeat --cem_iters times, execute the first action of the best
+sequence, and warm-start the next decision from this plan shifted by one step.
+
+Prioritized imagination: the value function V(s) is trained by TD on imagined rollouts that start from real
+replay states j drawn with P(j) ∝ p_j^a, p_j = |TD error_j| + eps (prioritized replay, Schaul et al. 2016), with
+importance weights (N P(j))^-b / max; the sampled states' priorities are refreshed after every update.
+`--imagination uniform` is the same with a = 0 (every state equally likely, every weight 1).
+
+Baselines from the same script and the same evaluation episodes: random actions, and the same planner scoring
+its candidates in the true simulator (get_state / set_state), the upper bound. Writes <out>/results.json
+(returns against real environment steps per method and seed, wall time, decision time, and
+normalized = (R - R_random) / (R_oracle - R_random) of the final evaluation) and <out>/curves.png.
+"""
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import ClipSampler, UserError, WORLDS, make_world, play_episodes, run_cli
+from model import BACKBONES, pick_device
+from adapter import WorldModel
+from loss import LOSSES
+from sample import load_model, rollout
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MBRLConfig:
+    env: str = opt("coin", "the built-in world: " + ", ".join(WORLDS))
+    backbone: str = opt("dit", "world-model backbone: " + ", ".join(BACKBONES) + " (ignored with --init_from)")
+    imagination: str = opt("prioritized", "start states of imagined rollouts: prioritized | uniform | both")
+    seeds: int = opt(1, "independent runs (seeds 0..N-1): curves show their mean and spread")
+    out: str = opt("out_mbrl", "output folder: results.json, curves.png, mbrl.log")
+    init_from: str = opt("", "a train.py checkpoint to start the world model from (its frame size is used)")
+    device: str = opt("auto", "auto | cpu | cuda")
+    # the world model (a small DiT at 16 px unless --init_from)
+    size: int = opt(16, "frame size in pixels")
+    width: int = opt(96, "world-model width")
+    depth: int = opt(3, "world-model blocks")
+    # data and training
+    episode_len: int = opt(32, "steps per episode")
+    seed_episodes: int = opt(64, "random-action episodes before the first fit")
+    rounds: int = opt(4, "act -> add data -> update rounds")
+    episodes: int = opt(8, "MPC episodes played in the real world per round")
+    explore: float = opt(0.2, "probability of a random action while collecting")
+    fit_iters: int = opt(1200, "world-model iterations of the first fit")
+    update_iters: int = opt(300, "world-model iterations per round")
+    value_iters: int = opt(150, "value-function TD updates per round (and after the first fit)")
+    batch_size: int = opt(32, "batch size of every update")
+    lr: float = opt(1e-3, "learning rate of every update")
+    # imagination
+    alpha: float = opt(0.6, "priority exponent a (prioritized); uniform uses 0")
+    beta: float = opt(0.4, "importance-weight exponent b")
+    imagine_horizon: int = opt(1, "steps of each imagined rollout (greedy one-step lookahead policy)")
+    imagine_actions: int = opt(8, "actions tried per imagined step (discrete worlds: all of them)")
+    # the planner
+    horizon: int = opt(5, "planning horizon H")
+    candidates: int = opt(32, "action sequences scored per CEM iteration")
+    elites: int = opt(6, "best sequences the distribution is refitted to")
+    cem_iters: int = opt(2, "CEM iterations per decision")
+    gamma: float = opt(0.95, "discount")
+    plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)")
+    eval_episodes: int = opt(8, "evaluation episodes (the same start states for every method)")
+
+
+# ----------------------------------------------------------------------------------------------
+# small frame networks: reward (+ episode end) and value
+
+class FrameNet(nn.Module):
+    """k frames (B, k, C, S, S) in [-1, 1] -> (B, n_out): two stride-2 convolutions, then an MLP."""
+
+    def __init__(self, k, n_out, size, channels=3, width=32):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(k * channels, width, 3, 2, 1), nn.GELU(),
+                                  nn.Conv2d(width, 2 * width, 3, 2, 1), nn.GELU())
+        self.mlp = nn.Sequential(nn.Linear(2 * width * (size // 4) ** 2, 128), nn.GELU(), nn.Linear(128, n_out))
+
+    def forward(self, x):
+        return self.mlp(self.conv(x.flatten(1, 2)).flatten(1))
+
+
+class RewardHead(FrameNet):
+    """(s, s') -> (reward, logit of 'the episode ended on this step')."""
+
+    def __init__(self, size):
+        super().__init__(2, 2, size)
+
+    def forward(self, s, s_next):
+        out = super().forward(torch.stack([s, s_next], 1))
+        return out[:, 0], out[:, 1]
+
+
+class Value(FrameNet):
+    def __init__(self, size):
+        super().__init__(1, 1, size)
+
+    def forward(self, s):
+        return super().forward(s[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the planner: CEM over action sequences, Gaussian (continuous) or categorical (discrete)
+
+class CEM:
+    """One planner for B worlds at once. plan(score) -> the first action of the best sequence per world.
+
+    score(cand) takes candidates (B, N, H) ids or (B, N, H, A) vectors and returns (B, N) scores."""
+
+    def __init__(self, spec, B, cfg, generator):
+        self.spec, self.B, self.cfg, self.g = spec, B, cfg, generator
+        H = cfg.horizon
+        self.param = (torch.full((B, H, spec["n_actions"]), 1 / spec["n_actions"]) if spec["discrete"]
+                      else torch.zeros(B, H, spec["action_dim"]))              # probs, or means
+
+    def _sample(self, param, std):
+        B, H = param.shape[:2]
+        N = self.cfg.candidates
+        if self.spec["discrete"]:
+            flat = param.reshape(B * H, -1)
+            return torch.multinomial(flat, N, replacement=True, generator=self.g).view(B, H, N).permute(0, 2, 1)
+        noise = torch.randn((B, N) + param.shape[1:], generator=self.g)
+        return (param[:, None] + std[:, None] * noise).clamp(-1, 1)
+
+    def plan(self, score):
+        cfg, B = self.cfg, self.B
+        param, std = self.param, torch.ones_like(self.param) * 0.7
+        for _ in range(cfg.cem_iters):
+            cand = self._sample(param, std)                                     # (B, N, H[, A])
+            s = score(cand)                                                     # (B, N)
+            top = s.topk(cfg.elites, 1).indices
+            elite = torch.stack([cand[b, top[b]] for b in range(B)])            # (B, E, H[, A])
+            if self.spec["discrete"]:
+                freq = F.one_hot(elite, self.spec["n_actions"]).float().mean(1)  # (B, H, K)
+                param = 0.9 * freq + 0.1 / self.spec["n_actions"]
+            else:
+                param, std = elite.mean(1), elite.std(1).clamp(min=0.05)
+            best = cand[torch.arange(B), s.argmax(1)]                           # (B, H[, A])
+        fresh = 1 / self.spec["n_actions"] if self.spec["discrete"] else 0.0      # warm start: shift the plan by one
+        self.param = torch.cat([param[:, 1:], torch.full_like(param[:, :1], fresh)], 1)
+        return best[:, 0]
+
+
+def true_scores(world, cand, gamma):
+    """The oracle's score: the discounted true return of each candidate, from copies of the world's state."""
+    saved = world.get_state()
+    B, N, H = cand.shape[:3]
+    tiled = {k: (np.repeat(v, N, 0) if k != "rng" else v) for k, v in saved.items()}
+    world.set_state(tiled)
+    total, alive = np.zeros(B * N), np.ones(B * N)
+    acts = cand.flatten(0, 1).numpy()
+    for h in range(H):
+        _, r, term, _, _ = world.step(acts[:, h])
+        total += gamma ** h * alive * r
+        alive *= 1 - term
+    world.set_state(saved)
+    return torch.from_numpy(total).view(B, N).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# the learned simulator: world model + reward head + value
+
+def to_float(frames_uint8, device):
+    """(..., S, S, 3) uint8 -> (..., 3, S, S) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).to(device)
+    return x.movedim(-1, -3).float() / 127.5 - 1
+
+
+class Agent:
+    """The world model, its reward head, the value function, their optimizers, and the imagination."""
+
+    def __init__(self, cfg, spec, device, seed):
+        self.cfg, self.spec, self.device = cfg, spec, device
+        torch.manual_seed(seed)
+        if cfg.init_from:
+            self.wm, ck = load_model(cfg.init_from, device, ema=True)
+            self.kind = ck["backbone"]
+            if ck["spec"] != spec:
+                raise UserError(f"--init_from {cfg.init_from} was trained on '{ck['data']['env']}' actions, not '{cfg.env}'s")
+            if self.wm.adapter is None:
+                raise UserError(f"--init_from {cfg.init_from} has no action adapter: pass a finetune/scratch checkpoint")
+            self.wm.train()
+        else:
+            self.kind = cfg.backbone
+            cls, mcls = BACKBONES[cfg.backbone]
+            kw = dict(size=cfg.size, width=cfg.width, depth=cfg.depth, heads=4, clip_len=2)
+            if cfg.backbone == "dit":
+                kw.update(patch=4, margin=4)
+            self.wm = WorldModel(cls(mcls(**kw)), "film", spec).to(device)
+        self.size = self.wm.backbone.cfg.size
+        self.reward = RewardHead(self.size).to(device)
+        self.value = Value(self.size).to(device)
+        self.target = Value(self.size).to(device).requires_grad_(False)
+        self.target.load_state_dict(self.value.state_dict())
+        params = lambda m: [p for p in m.parameters() if p.requires_grad]
+        self.opt_wm = torch.optim.AdamW(params(self.wm), cfg.lr, weight_decay=0.01)
+        self.opt_r = torch.optim.AdamW(self.reward.parameters(), cfg.lr)
+        self.opt_v = torch.optim.AdamW(self.value.parameters(), cfg.lr)
+        self.g = torch.Generator().manual_seed(seed)
+
+    # --- fitting on real data
+    def fit(self, buffer, iters, rng_seed):
+        """World model and reward head on real clips from the buffer."""
+        wm_clips = ClipSampler(buffer, self.wm.backbone.cfg.clip_len, seed=rng_seed)
+        pairs = ClipSampler(buffer, 2, seed=rng_seed + 1)
+        loss_fn = LOSSES[self.kind]
+        self.wm.train()
+        for _ in range(iters):
+            b = wm_clips.sample(self.cfg.batch_size)
+            loss = loss_fn(self.wm, b["frames"].to(self.device), b["actions"].to(self.device), 0.0, cell=self.wm.backbone.cell)
+            self.opt_wm.zero_grad(set_to_none=True); loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.wm.parameters(), 1.0); self.opt_wm.step()
+            p = pairs.sample(self.cfg.batch_size)
+            x = p["frames"].to(self.device)
+            r, end = self.reward(x[:, 0], x[:, 1])
+            loss_r = F.mse_loss(r, p["rewards"][:, 1].to(self.device)) + \
+                F.binary_cross_entropy_with_logits(end, p["ends"][:, 1].float().to(self.device))
+            self.opt_r.zero_grad(set_to_none=True); loss_r.backward(); self.opt_r.step()
+        self.wm.eval()
+        return loss.item(), loss_r.item()
+
+    # --- imagination
+    @torch.no_grad()
+    def imagine(self, s, prev_action, cand):
+        """Roll the learned simulator from frames s (B, C, S, S) under candidates (B, N, H[, A]).
+        Returns the model's discounted rewards (B, N) and the last frames' alive-weighted discount (B, N),
+        and the last frames (B*N, C, S, S)."""
+        B, N, H = cand.shape[:3]
+        ctx = s[:, None].expand(B, N, *s.shape[1:]).reshape(B * N, 1, *s.shape[1:])
+        first = prev_action[:, None].expand(B, N, *prev_action.shape[1:]).reshape(B * N, 1, *prev_action.shape[1:])
+        acts = torch.cat([first, cand.flatten(0, 1)], 1).to(self.device)     # actions[:, 0] led into s
+        frames = rollout(self.wm, ctx, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=self.g)
+        seq = torch.cat([ctx, frames], 1)                                     # (B*N, H+1, C, S, S)
+        r, end = self.reward(seq[:, :-1].flatten(0, 1), seq[:, 1:].flatten(0, 1))
+        r, done = r.view(B * N, H), torch.sigmoid(end).view(B * N, H)
+        disc = self.cfg.gamma ** torch.arange(H, device=r.device)
+        alive = torch.cumprod(torch.cat([torch.ones_like(done[:, :1]), 1 - done], 1), 1)   # (B*N, H+1)
+        ret = (disc * alive[:, :-1] * r).sum(1)
+        tail = self.cfg.gamma ** H * alive[:, -1]
+        return ret.view(B, N), tail.view(B, N), frames[:, -1]
+
+    @torch.no_grad()
+    def score(self, s, prev_action, cand):
+        ret, tail, last = self.imagine(s, prev_action, cand)
+        return (ret + tail * self.value(last).view(ret.shape)).cpu()
+
+    def lookahead_actions(self, B):
+        """The actions tried at each imagined step: every id (discrete), or random vectors and zero (continuous)."""
+        if self.spec["discrete"]:
+            return torch.arange(self.spec["n_actions"]).expand(B, -1)
+        K = self.cfg.imagine_actions
+        a = torch.rand(B, K, self.spec["action_dim"], generator=self.g) * 2 - 1
+        a[:, 0] = 0
+        return a
+
+    def value_update(self, starts, states, prev_actions):
+        """One TD update of V on imagined rollouts from start states drawn by `starts` (Priorities)."""
+        idx, w = starts.sample(self.cfg.batch_size)
+        s0 = states[torch.from_numpy(idx)].to(self.device)
+        s, prev = s0, prev_actions[torch.from_numpy(idx)]
+        target, disc = torch.zeros(len(idx), device=self.device), 1.0
+        with torch.no_grad():
+            for _ in range(self.cfg.imagine_horizon):                           # greedy one-step lookahead policy
+                a = self.lookahead_actions(len(idx))                             # (B, K[, A])
+                ret, tail, last = self.imagine(s, prev, a[:, :, None])           # one step per action
+                q = ret + tail * self.target(last).view(ret.shape)
+                best = q.argmax(1)
+                target += disc * ret[torch.arange(len(idx)), best]
+                disc = disc * tail[torch.arange(len(idx)), best]
+                s = last.view(len(idx), a.shape[1], *s.shape[1:])[torch.arange(len(idx)), best]
+                prev = a[torch.arange(len(idx)), best]
+            target += disc * self.target(s)
+        td = target - self.value(s0)
+        loss = (torch.as_tensor(w, device=self.device) * td.pow(2)).mean()
+        self.opt_v.zero_grad(set_to_none=True); loss.backward(); self.opt_v.step()
+        starts.update(idx, td.detach().abs().cpu().numpy())
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.target.parameters()), list(self.value.parameters()), 0.05)
+        return loss.item()
+
+
+class Priorities:
+    """Sampling of replay states by priority: P(j) = p_j^a / sum p^a, weights (N P(j))^-b / max_j.
+    New states enter with the largest priority so far, so each is drawn soon. a = 0 is uniform sampling."""
+
+    def __init__(self, alpha, beta, seed, eps=1e-2):
+        self.alpha, self.beta, self.eps = alpha, beta, eps
+        self.p = np.zeros(0)
+        self.rng = np.random.default_rng(seed)
+
+    def grow(self, n):
+        top = self.p.max() if len(self.p) else 1.0
+        self.p = np.concatenate([self.p, np.full(n, top)])
+
+    def probs(self):
+        q = self.p ** self.alpha
+        return q / q.sum()
+
+    def sample(self, k):
+        P = self.probs()
+        idx = self.rng.choice(len(P), k, p=P)
+        w = (len(P) * P[idx]) ** -self.beta
+        return idx, (w / w.max()).astype(np.float32)
+
+    def update(self, idx, td):
+        self.p[idx] = np.abs(td) + self.eps
+
+
+# ----------------------------------------------------------------------------------------------
+# acting in the real world
+
+def merge(buffer, eps):
+    if buffer is None:
+        return eps
+    return {k: np.concatenate([buffer[k], eps[k]]) for k in buffer}
+
+
+def replay_states(buffer, device_frames):
+    """Every real frame of the buffer that starts a transition, as the value function's replay states,
+    with the action that led into it (zeros at an episode's start)."""
+    e, t = np.nonzero(np.arange(buffer["frames"].shape[1] - 1)[None] < (buffer["lengths"] - 1)[:, None])
+    prev = np.where((t > 0).reshape((-1,) + (1,) * (buffer["actions"].ndim - 2)), buffer["actions"][e, np.maximum(t - 1, 0)], 0)
+    return to_float(buffer["frames"][e, t], device_frames), torch.from_numpy(prev)
+
+
+def mpc_policy(world, plan_scores, spec, cfg, rng, explore, g):
+    """A policy for play_episodes: CEM on plan_scores(obs, prev_action, cand), optional random exploration."""
+    cem = CEM(spec, world.num, cfg, g)
+    prev = torch.zeros((world.num,) if spec["discrete"] else (world.num, spec["action_dim"]),
+                       dtype=torch.long if spec["discrete"] else torch.float32)
+    times = []
+
+    def act(obs, t):
+        nonlocal prev
+        t0 = time.time()
+        a = cem.plan(lambda cand: plan_scores(obs, prev, cand))
+        times.append(time.time() - t0)
+        a = a.numpy()
+        if explore > 0:
+            a = np.where((rng.random(world.num) < explore).reshape((-1,) + (1,) * (a.ndim - 1)), world.random_action(rng), a)
+        prev = torch.as_tensor(a)
+        return a
+    return act, times
+
+
+def episode_return(eps):
+    return eps["rewards"].sum(1)
+
+
+def run_seed(cfg, seed, imagination, spec, device, log, bar):
+    """The online loop for one seed; returns the curve (real steps, mean eval return) and decision times."""
+    world_kw = dict(size=cfg.size, max_steps=cfg.episode_len)
+    agent = Agent(cfg, spec, device, seed)
+    world_kw["size"] = agent.size
+    rng = np.random.default_rng(seed)
+    eval_seed = 10_000 + seed
+    collect = make_world(cfg.env, num=cfg.seed_episodes, seed=seed, **world_kw)
+    buffer = play_episodes(collect, lambda obs, t: collect.random_action(rng), cfg.episode_len)
+    steps = int((buffer["lengths"] - 1).sum())
+    starts = Priorities(cfg.alpha if imagination == "prioritized" else 0.0, cfg.beta, seed)
+    curve, dec_times = [], []
+
+    def learned_scores(obs, prev, cand):
+        return agent.score(to_float(obs, device), prev.to(device), cand)
+
+    def evaluate():
+        w = make_world(cfg.env, num=cfg.eval_episodes, seed=eval_seed, **world_kw)
+        act, times = mpc_policy(w, learned_scores, spec, cfg, rng, 0.0, agent.g)
+        R = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
+        dec_times.extend(times)
+        curve.append((steps, R))
+        log(f"[{imagination} seed {seed}] real steps {steps:6d} | eval return {R:8.3f} | "
+            f"decision {1000 * np.mean(times):.0f} ms for {cfg.eval_episodes} worlds x {cfg.candidates} candidates")
+
+    def learn(iters):
+        wl, rl = agent.fit(buffer, iters, rng_seed=int(rng.integers(1 << 30)))
+        states, prev = replay_states(buffer, "cpu")
+        starts.grow(len(states) - len(starts.p))
+        vl = [agent.value_update(starts, states, prev) for _ in range(cfg.value_iters)]
+        log(f"[{imagination} seed {seed}] world-model loss {wl:.4f} | reward loss {rl:.4f} | value TD loss {np.mean(vl):.4f} "
+            f"| {len(states)} replay states")
+        bar.update(1)
+
+    learn(cfg.fit_iters)
+    for _ in range(cfg.rounds):
+        evaluate()
+        w = make_world(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
+        act, _ = mpc_policy(w, learned_scores, spec, cfg, rng, cfg.explore, agent.g)
+        eps = play_episodes(w, act, cfg.episode_len)
+        buffer = merge(buffer, eps)
+        steps += int((eps["lengths"] - 1).sum())
+        learn(cfg.update_iters)
+    evaluate()
+    return curve, dec_times
+
+
+def baselines(cfg, seed, spec, size):
+    """Random actions and the planner in the true simulator, on the evaluation episodes of this seed."""
+    kw = dict(size=size, max_steps=cfg.episode_len)
+    rng = np.random.default_rng(seed)
+    w = make_world(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
+    R_rand = float(episode_return(play_episodes(w, lambda o, t: w.random_action(rng), cfg.episode_len)).mean())
+    w = make_world(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
+    sim = make_world(cfg.env, num=cfg.eval_episodes, **kw)
+    act, times = mpc_policy(w, lambda obs, prev, cand: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg, rng, 0.0,
+                            torch.Generator().manual_seed(seed))
+    R_orc = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
+    return R_rand, R_orc, float(np.mean(times))
+
+
+def true_scores_of(world, sim, cand, gamma):
+    sim.set_state(world.get_state())
+    return true_scores(sim, cand, gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+def plot(path, results, env):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = iter(["tab:blue", "tab:orange"])
+    for name, m in results["methods"].items():
+        if "curves" in m:
+            x = np.array(m["env_steps"]).mean(0)
+            y = np.array(m["curves"])
+            c = next(colors)
+            ax.plot(x, y.mean(0), "o-", color=c, label=f"{name} (mean of {len(y)})")
+            ax.fill_between(x, y.min(0), y.max(0), color=c, alpha=0.2)
+    for name, style in (("oracle_mpc", "k--"), ("random", "k:")):
+        v = np.array(results["methods"][name]["final"])
+        ax.axhline(v.mean(), linestyle=style[1:], color="k", label=f"{name} ({v.mean():.2f})")
+    ax.set_xlabel("real environment steps")
+    ax.set_ylabel("evaluation return")
+    ax.set_title(f"{env}: MPC in the learned simulator (band: min-max over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(MBRLConfig):
+        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"] + f" (default {f.default!r})")
+    return MBRLConfig(**vars(p.parse_args(argv)))
+
+
+def main(cfg):
+    world = make_world(cfg.env)
+    if cfg.backbone not in BACKBONES:
+        raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
+    kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}
+    if cfg.imagination not in kinds:
+        raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
+    if cfg.seeds < 1 or cfg.rounds < 0 or cfg.elites > cfg.candidates:
+        raise UserError("need --seeds >= 1, --rounds >= 0 and --elites <= --candidates")
+    device, _, why = pick_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    spec = dict(discrete=world.discrete, n_actions=world.n_actions, action_dim=world.action_dim)
+    logf = open(os.path.join(cfg.out, "mbrl.log"), "a")
+
+    def log(msg):
+        tqdm.write(msg)
+        logf.write(msg + "\n"); logf.flush()
+    log(f"device: {why} | world '{cfg.env}' | imagination {cfg.imagination} | seeds {cfg.seeds} | out {cfg.out}")
+    t_start = time.time()
+    methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds[cfg.imagination]}
+    base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
+    bar = tqdm(total=cfg.seeds * len(kinds[cfg.imagination]) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
+    dec = []
+    size = cfg.size
+    for seed in range(cfg.seeds):
+        for kind in kinds[cfg.imagination]:
+            t0 = time.time()
+            curve, times = run_seed(cfg, seed, kind, spec, device, log, bar)
+            m = methods[f"model_mpc_{kind}"]
+            m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
+            m["final"].append(curve[-1][1]); m["wall_s"].append(round(time.time() - t0, 1))
+            dec.extend(times)
+        if cfg.init_from:
+            size = load_model(cfg.init_from)[1]["model_args"]["size"]
+        R_rand, R_orc, t_orc = baselines(cfg, seed, spec, size)
+        base["random"]["final"].append(R_rand); base["oracle_mpc"]["final"].append(R_orc)
+        base["oracle_mpc"]["decision_ms"].append(round(1000 * t_orc, 1))
+        log(f"[seed {seed}] random {R_rand:.3f} | MPC in the true simulator {R_orc:.3f}")
+    bar.close()
+    R_rand, R_orc = np.mean(base["random"]["final"]), np.mean(base["oracle_mpc"]["final"])
+    for m in methods.values():                  # (R - R_random) / (R_oracle - R_random), on the means over seeds
+        m["normalized"] = float((np.mean(m["final"]) - R_rand) / (R_orc - R_rand)) if R_orc != R_rand else float("nan")
+    first = next(iter(methods.values()))
+    results = dict(normalized=first["normalized"], env=cfg.env, imagination=cfg.imagination, seeds=cfg.seeds,
+                   methods={**methods, **base}, decision_ms=round(1000 * float(np.mean(dec)), 1),
+                   decision_note=f"one MPC decision for {cfg.eval_episodes} worlds at once, {cfg.candidates} candidates "
+                                 f"x {cfg.cem_iters} CEM iterations, horizon {cfg.horizon}, on {why}",
+                   wall_s=round(time.time() - t_start, 1), device=why, config=asdict(cfg))
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(os.path.join(cfg.out, "curves.png"), results, cfg.env)
+    for name, m in methods.items():
+        log(f"{name}: final return {np.mean(m['final']):.3f} | normalized {m['normalized']:.3f} "
+            f"(random {R_rand:.3f}, MPC in the true simulator {R_orc:.3f})")
+    log(f"wrote {cfg.out}/results.json and {cfg.out}/curves.png in {results['wall_s'] / 60:.1f} min")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
