@@ -224,7 +224,7 @@ def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=
     save_gif(path, vids, ["truth", "model", "other acts" if actions is None else "--actions"])
 
 
-def bench_cache(frames=16, batch=8, device="cpu"):
+def bench_cache(frames=16, batch=2, device="cpu"):
     """Time each new frame of a `frames`-frame rollout of a video GPT whose window holds the whole rollout
     (1 context frame + frames), with and without the KV cache. Untrained weights: the cost does not depend on them."""
     import time
