@@ -463,7 +463,7 @@ def plot(path, results, env):
         ax.axhline(v.mean(), linestyle=style[1:], color="k", label=f"{name} ({v.mean():.2f})")
     ax.set_xlabel("real environment steps")
     ax.set_ylabel("evaluation return")
-    ax.set_title(f"{env}: MPC in the learned simulator (band: min-max over seeds)")
+    ax.set_title(f"{env}: MPC in the learned simulator (band: min to max over seeds)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
