@@ -406,7 +406,7 @@ def run_seed(cfg, seed, imagination, spec, device, log, bar):
         states, prev = replay_states(buffer, "cpu")
         starts.grow(len(states) - len(starts.p))
         vl = [agent.value_update(starts, states, prev) for _ in range(cfg.value_iters)]
-        log(f"[{imagination} seed {seed}] world-model loss {wl:.4f} | reward loss {rl:.4f} | value TD loss {np.mean(vl):.4f} "
+        log(f"[{imagination} seed {seed}] world-model loss {wl:.4f} | reward loss {rl:.4f} | value TD loss {np.mean(vl) if vl else float('nan'):.4f} "
             f"| {len(states)} replay states")
         bar.update(1)
 
