@@ -409,13 +409,19 @@ class ClipSampler:
         import torch
         idx = s[:, None] + np.arange(self.T)                                 # (B, T)
         frames = self.split["frames"][e[:, None], idx]                      # (B, T, S, S, 3) uint8
-        x = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 127.5 - 1   # (B, T, 3, S, S)
-        out = dict(frames=x)
+        out = dict(frames=to_float(frames))                                  # (B, T, 3, S, S)
         if "actions" in self.split:
             out["actions"] = torch.from_numpy(self.split["actions"][e[:, None], idx - 1])
             out["rewards"] = torch.from_numpy(self.split["rewards"][e[:, None], idx - 1])
             out["ends"] = torch.from_numpy(self.split["ends"][e[:, None], idx - 1])
         return out
+
+
+def to_float(frames, device="cpu"):
+    """(..., S, S, 3) uint8 numpy -> (..., 3, S, S) float tensor in [-1, 1]: the inverse of to_uint8."""
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+    return x.movedim(-1, -3).float() / 127.5 - 1
 
 
 def to_uint8(x):

@@ -35,7 +35,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -43,15 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ClipSampler, UserError, WORLDS, make_world, play_episodes, run_cli
+from data import ClipSampler, UserError, WORLDS, make_world, play_episodes, run_cli, to_float
 from model import BACKBONES, pick_device
 from adapter import WorldModel
 from loss import LOSSES
-from sample import load_model, rollout
-
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+from sample import load_model, read_checkpoint, rollout
+from train import opt
 
 
 @dataclass
@@ -188,12 +185,6 @@ def true_scores(world, cand, gamma):
 
 # ----------------------------------------------------------------------------------------------
 # the learned simulator: world model + reward head + value
-
-def to_float(frames_uint8, device):
-    """(..., S, S, 3) uint8 -> (..., 3, S, S) in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).to(device)
-    return x.movedim(-1, -3).float() / 127.5 - 1
-
 
 class Agent:
     """The world model, its reward head, the value function, their optimizers, and the imagination."""
@@ -501,7 +492,7 @@ def main(cfg):
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
     bar = tqdm(total=cfg.seeds * len(kinds[cfg.imagination]) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
     dec = []
-    size = cfg.size
+    size = read_checkpoint(cfg.init_from)["model_args"]["size"] if cfg.init_from else cfg.size   # the worlds' frame size
     for seed in range(cfg.seeds):
         for kind in kinds[cfg.imagination]:
             t0 = time.time()
@@ -510,8 +501,6 @@ def main(cfg):
             m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
             m["final"].append(curve[-1][1]); m["wall_s"].append(round(time.time() - t0, 1))
             dec.extend(times)
-        if cfg.init_from:
-            size = load_model(cfg.init_from)[1]["model_args"]["size"]
         R_rand, R_orc, t_orc = baselines(cfg, seed, spec, size)
         base["random"]["final"].append(R_rand); base["oracle_mpc"]["final"].append(R_orc)
         base["oracle_mpc"]["decision_ms"].append(round(1000 * t_orc, 1))
