@@ -8,15 +8,16 @@
 The loop, per seed:
   1. play --seed_episodes episodes with random actions: the replay buffer of real transitions;
   2. fit the world model (model.py + adapter.py, trained by loss.py) and a reward head (with an
-     episode-end head) on the buffer: during planning, rewards come from these heads, never from the world;
-  3. for --rounds rounds: evaluate; act with MPC in the real world (--episodes, with exploration), add the
+     episode-end head) on the buffer: during planning, rewards come from these heads, never from the world
+     (steps 1-2 are shared by both kinds of imagination under --imagination both: each continues from a copy);
+  3. train the value function by TD in imagination; then for --rounds rounds: evaluate; act with MPC in the real world (--episodes, with exploration), add the
      data; update the world model and heads; train the value function by TD in imagination.
 
 The planner is MPC with the cross-entropy method: for every world at once, sample action sequences of
 --horizon steps (a Gaussian per step for continuous actions, a categorical one for discrete actions),
 score them all in one batched world-model rollout,
 
-    score = sum_h gamma^h alive_h r_hat(s_h, s_h+1) + gamma^H alive_H V(s_H),
+    score = sum_h gamma^h alive_h r_hat(s_h, a_h) + gamma^H alive_H V(s_H),
 
 refit the distribution to the best --elites, repeat --cem_iters times, execute the first action of the best
 sequence, and warm-start the next decision from this plan shifted by one step.
@@ -32,6 +33,7 @@ its candidates in the true simulator (get_state / set_state), the upper bound. W
 normalized = (R - R_random) / (R_oracle - R_random) of the final evaluation) and <out>/curves.png.
 """
 import argparse
+import copy
 import json
 import os
 import time
@@ -66,11 +68,11 @@ class MBRLConfig:
     depth: int = opt(3, "world-model blocks")
     # data and training
     episode_len: int = opt(32, "steps per episode")
-    seed_episodes: int = opt(64, "random-action episodes before the first fit")
+    seed_episodes: int = opt(512, "random-action episodes before the first fit")
     rounds: int = opt(4, "act -> add data -> update rounds")
     episodes: int = opt(8, "MPC episodes played in the real world per round")
     explore: float = opt(0.2, "probability of a random action while collecting")
-    fit_iters: int = opt(1200, "world-model iterations of the first fit")
+    fit_iters: int = opt(4000, "world-model iterations of the first fit")
     update_iters: int = opt(300, "world-model iterations per round")
     value_iters: int = opt(150, "value-function TD updates per round (and after the first fit)")
     batch_size: int = opt(32, "batch size of every update")
@@ -94,35 +96,50 @@ class MBRLConfig:
 # small frame networks: reward (+ episode end) and value
 
 class FrameNet(nn.Module):
-    """k frames (B, k, C, S, S) in [-1, 1] -> (B, n_out): two stride-2 convolutions, then an MLP."""
+    """A frame (B, C, S, S) in [-1, 1], and optionally an action, -> (B, n_out), through keypoints.
 
-    def __init__(self, k, n_out, size, channels=3, width=32):
+    Convolutions at full resolution make `points` feature maps; a spatial softmax turns each into the expected
+    (x, y) of where it fires (deep spatial autoencoders, Levine et al. 2016), and an MLP reads those positions,
+    each map's peak, and the action. Rewards and values in these worlds are functions of where objects are,
+    which an MLP computes easily from positions and poorly from a flattened grid of backgrounds."""
+
+    def __init__(self, n_out, size, action_in=0, channels=3, width=32, points=16):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(k * channels, width, 3, 2, 1), nn.GELU(),
-                                  nn.Conv2d(width, 2 * width, 3, 2, 1), nn.GELU())
-        self.mlp = nn.Sequential(nn.Linear(2 * width * (size // 4) ** 2, 128), nn.GELU(), nn.Linear(128, n_out))
+        self.conv = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1), nn.GELU(),
+                                  nn.Conv2d(width, width, 3, 1, 1), nn.GELU(), nn.Conv2d(width, points, 1))
+        c = (torch.arange(size) + 0.5) / size * 2 - 1                           # pixel centres in [-1, 1]
+        self.register_buffer("grid", torch.stack([c.repeat(size), c.repeat_interleave(size)]), persistent=False)  # (2, S*S): x, y
+        self.mlp = nn.Sequential(nn.Linear(3 * points + action_in, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(),
+                                 nn.Linear(128, n_out))
 
-    def forward(self, x):
-        return self.mlp(self.conv(x.flatten(1, 2)).flatten(1))
+    def forward(self, x, action=None):
+        f = self.conv(x).flatten(2)                                             # (B, K, S*S)
+        xy = torch.einsum("bkp,cp->bkc", f.softmax(-1), self.grid).flatten(1)   # (B, 2K) expected positions
+        h = [xy, f.amax(-1)] + ([] if action is None else [action])
+        return self.mlp(torch.cat(h, 1))
 
 
 class RewardHead(FrameNet):
-    """(s, s') -> (reward, logit of 'the episode ended on this step')."""
+    """(s_t, a_t) -> (reward r_t, logit of 'the episode ends on this step'). Discrete actions enter one-hot.
+    Conditioning on the action rather than on s_t+1 keeps the head off the frame after a reward, which a
+    stochastic world (the coin reappears anywhere) makes the least predictable one."""
 
-    def __init__(self, size):
-        super().__init__(2, 2, size)
+    def __init__(self, size, spec):
+        self.n = spec["n_actions"] if spec["discrete"] else 0
+        super().__init__(2, size, action_in=self.n or spec["action_dim"])
 
-    def forward(self, s, s_next):
-        out = super().forward(torch.stack([s, s_next], 1))
+    def forward(self, s, a):
+        a = F.one_hot(a, self.n).float() if self.n else a
+        out = super().forward(s, a)
         return out[:, 0], out[:, 1]
 
 
 class Value(FrameNet):
     def __init__(self, size):
-        super().__init__(1, 1, size)
+        super().__init__(1, size)
 
     def forward(self, s):
-        return super().forward(s[:, None])[:, 0]
+        return super().forward(s)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +225,7 @@ class Agent:
                 kw.update(patch=4, margin=4)
             self.wm = WorldModel(cls(mcls(**kw)), "film", spec).to(device)
         self.size = self.wm.backbone.cfg.size
-        self.reward = RewardHead(self.size).to(device)
+        self.reward = RewardHead(self.size, spec).to(device)
         self.value = Value(self.size).to(device)
         self.target = Value(self.size).to(device).requires_grad_(False)
         self.target.load_state_dict(self.value.state_dict())
@@ -232,7 +249,7 @@ class Agent:
             torch.nn.utils.clip_grad_norm_(self.wm.parameters(), 1.0); self.opt_wm.step()
             p = pairs.sample(self.cfg.batch_size)
             x = p["frames"].to(self.device)
-            r, end = self.reward(x[:, 0], x[:, 1])
+            r, end = self.reward(x[:, 0], p["actions"][:, 1].to(self.device))       # actions[:, 1] leads x0 -> x1
             loss_r = F.mse_loss(r, p["rewards"][:, 1].to(self.device)) + \
                 F.binary_cross_entropy_with_logits(end, p["ends"][:, 1].float().to(self.device))
             self.opt_r.zero_grad(set_to_none=True); loss_r.backward(); self.opt_r.step()
@@ -251,7 +268,7 @@ class Agent:
         acts = torch.cat([first, cand.flatten(0, 1)], 1).to(self.device)     # actions[:, 0] led into s
         frames = rollout(self.wm, ctx, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=self.g)
         seq = torch.cat([ctx, frames], 1)                                     # (B*N, H+1, C, S, S)
-        r, end = self.reward(seq[:, :-1].flatten(0, 1), seq[:, 1:].flatten(0, 1))
+        r, end = self.reward(seq[:, :-1].flatten(0, 1), acts[:, 1:].flatten(0, 1))   # r(s_h, a_h), h < H
         r, done = r.view(B * N, H), torch.sigmoid(end).view(B * N, H)
         disc = self.cfg.gamma ** torch.arange(H, device=r.device)
         alive = torch.cumprod(torch.cat([torch.ones_like(done[:, :1]), 1 - done], 1), 1)   # (B*N, H+1)
@@ -367,17 +384,33 @@ def episode_return(eps):
     return eps["rewards"].sum(1)
 
 
-def run_seed(cfg, seed, imagination, spec, device, log, bar):
-    """The online loop for one seed; returns the curve (real steps, mean eval return) and decision times."""
-    world_kw = dict(size=cfg.size, max_steps=cfg.episode_len)
+def run_seed(cfg, seed, kinds, spec, device, log, bar):
+    """One seed: random-action data and the first fit of the world model and reward head, shared by every kind of
+    imagination (each continues from its own copy of the same fitted agent, so the comparison is paired).
+    Returns {kind: (curve [(real steps, mean eval return)], decision times, wall seconds)}."""
+    t0 = time.time()
     agent = Agent(cfg, spec, device, seed)
-    world_kw["size"] = agent.size
+    world_kw = dict(size=agent.size, max_steps=cfg.episode_len)
     rng = np.random.default_rng(seed)
-    eval_seed = 10_000 + seed
     collect = make_world(cfg.env, num=cfg.seed_episodes, seed=seed, **world_kw)
     buffer = play_episodes(collect, lambda obs, t: collect.random_action(rng), cfg.episode_len)
+    wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
+    log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
+        f"world-model loss {wl:.4f} | reward loss {rl:.4f} | {time.time() - t0:.0f} s")
+    shared, out = time.time() - t0, {}
+    for kind in kinds:
+        t1 = time.time()
+        curve, times = online(cfg, seed, kind, copy.deepcopy(agent), buffer, copy.deepcopy(rng), spec, world_kw, log, bar)
+        out[kind] = (curve, times, shared + time.time() - t1)
+    return out
+
+
+def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
+    """From a fitted agent: train the value by TD in imagination (start states by `kind`), then --rounds of
+    evaluate -> act with MPC in the real world -> add the data -> update; a last evaluation."""
+    device, eval_seed = agent.device, 10_000 + seed
     steps = int((buffer["lengths"] - 1).sum())
-    starts = Priorities(cfg.alpha if imagination == "prioritized" else 0.0, cfg.beta, seed)
+    starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, seed)
     curve, dec_times = [], []
 
     def learned_scores(obs, prev, cand):
@@ -389,19 +422,21 @@ def run_seed(cfg, seed, imagination, spec, device, log, bar):
         R = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
         dec_times.extend(times)
         curve.append((steps, R))
-        log(f"[{imagination} seed {seed}] real steps {steps:6d} | eval return {R:8.3f} | "
+        log(f"[{kind} seed {seed}] real steps {steps:6d} | eval return {R:8.3f} | "
             f"decision {1000 * np.mean(times):.0f} ms for {cfg.eval_episodes} worlds x {cfg.candidates} candidates")
 
     def learn(iters):
-        wl, rl = agent.fit(buffer, iters, rng_seed=int(rng.integers(1 << 30)))
+        msg = ""
+        if iters:
+            wl, rl = agent.fit(buffer, iters, rng_seed=int(rng.integers(1 << 30)))
+            msg = f"world-model loss {wl:.4f} | reward loss {rl:.4f} | "
         states, prev = replay_states(buffer, "cpu")
         starts.grow(len(states) - len(starts.p))
         vl = [agent.value_update(starts, states, prev) for _ in range(cfg.value_iters)]
-        log(f"[{imagination} seed {seed}] world-model loss {wl:.4f} | reward loss {rl:.4f} | value TD loss {np.mean(vl) if vl else float('nan'):.4f} "
-            f"| {len(states)} replay states")
+        log(f"[{kind} seed {seed}] {msg}value TD loss {np.mean(vl) if vl else float('nan'):.4f} | {len(states)} replay states")
         bar.update(1)
 
-    learn(cfg.fit_iters)
+    learn(0)
     for _ in range(cfg.rounds):
         evaluate()
         w = make_world(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
@@ -494,12 +529,10 @@ def main(cfg):
     dec = []
     size = read_checkpoint(cfg.init_from)["model_args"]["size"] if cfg.init_from else cfg.size   # the worlds' frame size
     for seed in range(cfg.seeds):
-        for kind in kinds[cfg.imagination]:
-            t0 = time.time()
-            curve, times = run_seed(cfg, seed, kind, spec, device, log, bar)
+        for kind, (curve, times, wall) in run_seed(cfg, seed, kinds[cfg.imagination], spec, device, log, bar).items():
             m = methods[f"model_mpc_{kind}"]
             m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
-            m["final"].append(curve[-1][1]); m["wall_s"].append(round(time.time() - t0, 1))
+            m["final"].append(curve[-1][1]); m["wall_s"].append(round(wall, 1))
             dec.extend(times)
         R_rand, R_orc, t_orc = baselines(cfg, seed, spec, size)
         base["random"]["final"].append(R_rand); base["oracle_mpc"]["final"].append(R_orc)
