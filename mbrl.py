@@ -235,6 +235,15 @@ class Agent:
         self.opt_v = torch.optim.AdamW(self.value.parameters(), cfg.lr)
         self.g = torch.Generator().manual_seed(seed)
 
+    def clone(self):
+        """An independent copy: fresh modules (the adapter's hooks belong to their instance, so no deepcopy),
+        the same weights, optimizer states and generator state."""
+        twin = Agent(self.cfg, self.spec, self.device, seed=0)
+        for name in ("wm", "reward", "value", "target", "opt_wm", "opt_r", "opt_v"):
+            getattr(twin, name).load_state_dict(copy.deepcopy(getattr(self, name).state_dict()))
+        twin.g.set_state(self.g.get_state())
+        return twin
+
     # --- fitting on real data
     def fit(self, buffer, iters, rng_seed):
         """World model and reward head on real clips from the buffer."""
@@ -400,7 +409,7 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar):
     shared, out = time.time() - t0, {}
     for kind in kinds:
         t1 = time.time()
-        curve, times = online(cfg, seed, kind, copy.deepcopy(agent), buffer, copy.deepcopy(rng), spec, world_kw, log, bar)
+        curve, times = online(cfg, seed, kind, agent.clone(), buffer, copy.deepcopy(rng), spec, world_kw, log, bar)
         out[kind] = (curve, times, shared + time.time() - t1)
     return out
 

@@ -461,6 +461,26 @@ def test_priority_sampling_prefers_large_td_errors_with_correct_weights():
     assert np.all(pr.p[4:] == pr.p[:4].max())                            # new states enter at the top priority
 
 
+def test_agent_clone_is_independent():
+    """--imagination both continues each kind from a clone of one fitted agent: same scores, separate training."""
+    from mbrl import Agent, MBRLConfig
+    from data import play_episodes, to_float
+    cfg = MBRLConfig(env="pusher", width=32, depth=1)
+    agent = Agent(cfg, dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
+    w, rng = make_world("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
+    buf = play_episodes(w, lambda o, t: w.random_action(rng), 8)
+    agent.fit(buf, 2, 1)
+    twin = agent.clone()
+    s, prev, cand = to_float(buf["frames"][:, 3]), torch.from_numpy(buf["actions"][:, 2]), torch.rand(4, 3, 2, 2) * 2 - 1
+    def score(a):
+        a.g.manual_seed(1)
+        return a.score(s, prev, cand)
+    before = score(agent)
+    assert torch.allclose(before, score(twin), atol=1e-5)
+    twin.fit(buf, 2, 5)
+    assert torch.allclose(before, score(agent), atol=1e-5) and not torch.allclose(before, score(twin), atol=1e-5)
+
+
 def test_mbrl_runs_end_to_end(tmp_path):
     r = run("mbrl.py", "--env", "pusher", "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2",
             "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3", "--update_iters", "2",
