@@ -9,9 +9,12 @@ The loop, per seed:
   1. play --seed_episodes episodes with random actions: the replay buffer of real transitions;
   2. fit the world model (model.py + adapter.py, trained by loss.py) and a reward head (with an
      episode-end head) on the buffer: during planning, rewards come from these heads, never from the world
-     (steps 1-2 are shared by both kinds of imagination under --imagination both: each continues from a copy);
-  3. train the value function by TD in imagination; then for --rounds rounds: evaluate; act with MPC in the real world (--episodes, with exploration), add the
-     data; update the world model and heads; train the value function by TD in imagination.
+     (steps 1-2 are shared by both kinds of imagination under --imagination both: each continues from a clone);
+  3. train the value function by TD in imagination; then for --rounds rounds: evaluate; act with MPC in the
+     real world (--episodes, with exploration), add the data; update the world model and heads; train the
+     value function by TD in imagination.
+
+The reward head r(s_t, a_t) and the value V(s) read frames through keypoints (FrameNet).
 
 The planner is MPC with the cross-entropy method: for every world at once, sample action sequences of
 --horizon steps (a Gaussian per step for continuous actions, a categorical one for discrete actions),
