@@ -364,12 +364,12 @@ def merge(buffer, eps):
     return {k: np.concatenate([buffer[k], eps[k]]) for k in buffer}
 
 
-def replay_states(buffer, device_frames):
+def replay_states(buffer):
     """Every real frame of the buffer that starts a transition, as the value function's replay states,
     with the action that led into it (zeros at an episode's start)."""
     e, t = np.nonzero(np.arange(buffer["frames"].shape[1] - 1)[None] < (buffer["lengths"] - 1)[:, None])
     prev = np.where((t > 0).reshape((-1,) + (1,) * (buffer["actions"].ndim - 2)), buffer["actions"][e, np.maximum(t - 1, 0)], 0)
-    return to_float(buffer["frames"][e, t], device_frames), torch.from_numpy(prev)
+    return to_float(buffer["frames"][e, t]), torch.from_numpy(prev)
 
 
 def mpc_policy(world, plan_scores, spec, cfg, rng, explore, g):
@@ -442,7 +442,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
         if iters:
             wl, rl = agent.fit(buffer, iters, rng_seed=int(rng.integers(1 << 30)))
             msg = f"world-model loss {wl:.4f} | reward loss {rl:.4f} | "
-        states, prev = replay_states(buffer, "cpu")
+        states, prev = replay_states(buffer)
         starts.grow(len(states) - len(starts.p))
         vl = [agent.value_update(starts, states, prev) for _ in range(cfg.value_iters)]
         log(f"[{kind} seed {seed}] {msg}value TD loss {np.mean(vl) if vl else float('nan'):.4f} | {len(states)} replay states")

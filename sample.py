@@ -235,9 +235,9 @@ def bench_cache(frames=16, batch=2, device="cpu"):
     ctx = torch.rand(batch, 1, 3, gpt.cfg.size, gpt.cfg.size, device=device) * 2 - 1
     acts = torch.randint(0, 5, (batch, frames + 1), device=device)
     rows = {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for use in (True, False):
         stamps = [time.perf_counter()]
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         rollout(model, ctx, acts, temperature=1.0, use_cache=use, on_frame=lambda f: (sync(), stamps.append(time.perf_counter())))
         rows[use] = np.diff(stamps) * 1000
     print(f"video GPT ({sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters, {gpt.n_tok} codes per frame), "
@@ -272,8 +272,10 @@ def main():
         raise UserError("--ckpt is required: a checkpoint written by train.py (or pass --bench_cache)")
     model, ck = load_model(a.ckpt, device)
     trained = ck["config"]
-    a.temperature = trained.get("temperature") or 0.0 if a.temperature is None else a.temperature
-    a.top_k = trained.get("top_k") or 0 if a.top_k is None else a.top_k
+    if a.temperature is None:
+        a.temperature = trained.get("temperature") or 0.0
+    if a.top_k is None:
+        a.top_k = trained.get("top_k") or 0
     L = ck["data"]["episode_len"] + 1 - model.backbone.cfg.clip_len
     if not 1 <= a.horizon <= L:
         raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")

@@ -254,13 +254,12 @@ class Logger:
             f.write(msg + "\n")
 
 
-def lr_at(step, cfg, iters, peak=None):
-    """Linear warm-up, then cosine decay to peak * min_lr_frac (peak: cfg.lr unless given)."""
-    peak = cfg.lr if peak is None else peak
+def lr_at(step, cfg, iters):
+    """Linear warm-up, then cosine decay to lr * min_lr_frac."""
     if step < cfg.warmup:
-        return peak * (step + 1) / cfg.warmup
+        return cfg.lr * (step + 1) / cfg.warmup
     p = min(1.0, (step - cfg.warmup) / max(1, iters - cfg.warmup))
-    return peak * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None, tokenizer=None):
