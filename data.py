@@ -274,7 +274,7 @@ class DataConfig:
     size: int = 32            # frames are size x size pixels
     episode_len: int = 32     # steps per episode (frames = steps + 1)
     n_free: int = 1024        # episodes in the action-free (pre-training) corpus
-    n_labelled: int = 384     # episodes in the action-labelled (fine-tuning) corpus
+    n_labelled: int = 1536    # episodes in the action-labelled (fine-tuning) corpus
     heldout: float = 0.1      # fraction of each corpus held out for evaluation
     expert_p: float = 0.3     # behaviour policy: scripted expert with this probability...
     sticky: float = 0.75      # ...else a random action, repeated with this probability

@@ -92,10 +92,10 @@ class TrainConfig:
 
 
 PRESETS = {   # shared fields, then each backbone's own
-    "tiny": dict(size=32, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3, n_free=1024, n_labelled=384,
-                 dit=dict(patch=4, margin=4, pretrain_iters=1000, finetune_iters=2000, expect="about 11 min on a 2-core CPU"),
-                 ar=dict(down=2, codes=512, reach=1, tokenizer_iters=2000, pretrain_iters=800, finetune_iters=2000,
-                         temperature=0.0, top_k=0, expect="about 14 min on a 2-core CPU")),
+    "tiny": dict(size=32, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3, n_free=1024, n_labelled=1536,
+                 dit=dict(patch=4, margin=4, pretrain_iters=1000, finetune_iters=2000, expect="about 12 min on a 2-core CPU"),
+                 ar=dict(down=2, codes=512, reach=1, tokenizer_iters=2000, pretrain_iters=800, finetune_iters=3000,
+                         temperature=0.0, top_k=0, expect="about 16 min on a 2-core CPU")),
     "gpu": dict(size=64, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4, n_free=8192, n_labelled=2048,
                 dit=dict(patch=4, margin=4, pretrain_iters=8000, finetune_iters=8000, expect="see README for the time on one GPU"),
                 ar=dict(down=2, codes=1024, reach=2, tokenizer_iters=5000, pretrain_iters=8000, finetune_iters=8000,
