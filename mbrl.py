@@ -77,7 +77,7 @@ class MBRLConfig:
     explore: float = opt(0.2, "probability of a random action while collecting")
     fit_iters: int = opt(4000, "world-model iterations of the first fit")
     update_iters: int = opt(300, "world-model iterations per round")
-    value_iters: int = opt(150, "value-function TD updates per round (and after the first fit)")
+    value_iters: int = opt(150, "value-function TD updates per round (and after the first fit); 0: no terminal value")
     batch_size: int = opt(32, "batch size of every update")
     lr: float = opt(1e-3, "learning rate of every update")
     # imagination
@@ -291,6 +291,8 @@ class Agent:
     @torch.no_grad()
     def score(self, s, prev_action, cand):
         ret, tail, last = self.imagine(s, prev_action, cand)
+        if self.cfg.value_iters == 0:                                         # no value function: rewards only
+            return ret.cpu()
         return (ret + tail * self.value(last).view(ret.shape)).cpu()
 
     def lookahead_actions(self, B):

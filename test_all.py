@@ -481,6 +481,23 @@ def test_agent_clone_is_independent():
     assert torch.allclose(before, score(agent), atol=1e-5) and not torch.allclose(before, score(twin), atol=1e-5)
 
 
+def test_value_iters_0_plans_on_rewards_alone():
+    """--value_iters 0 drops the terminal value from the score: an untrained value must not steer the plan."""
+    from mbrl import Agent, MBRLConfig
+    from data import to_float
+    w = make_world("pusher", num=2, size=16, seed=0)
+    s, prev, cand = to_float(w.reset()[0]), torch.zeros(2, 2), torch.rand(2, 3, 2, 2) * 2 - 1
+    for iters in (0, 150):
+        agent = Agent(MBRLConfig(env="pusher", width=32, depth=1, value_iters=iters), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
+        before = agent.score(s, prev, cand)
+        with torch.no_grad():
+            agent.value.mlp[-1].bias += 5.0                                     # shift every value by 5
+        shift = agent.score(s, prev, cand) - before
+        ret, tail, _ = agent.imagine(s, prev, cand)
+        expect = torch.zeros_like(shift) if iters == 0 else 5.0 * tail
+        assert torch.allclose(shift, expect, atol=1e-4)
+
+
 def test_mbrl_runs_end_to_end(tmp_path):
     r = run("mbrl.py", "--env", "pusher", "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2",
             "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3", "--update_iters", "2",
