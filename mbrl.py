@@ -447,7 +447,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
         states, prev = replay_states(buffer)
         starts.grow(len(states) - len(starts.p))
         vl = [agent.value_update(starts, states, prev) for _ in range(cfg.value_iters)]
-        log(f"[{kind} seed {seed}] {msg}value TD loss {np.mean(vl) if vl else float('nan'):.4f} | {len(states)} replay states")
+        log(f"[{kind} seed {seed}] {msg}{f'value TD loss {np.mean(vl):.4f}' if vl else 'no value'} | {len(states)} replay states")
         bar.update(1)
 
     learn(0)
