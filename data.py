@@ -73,8 +73,6 @@ class World:
         self.num, self.size, self.max_steps = num, size, max_steps
         self.rng = np.random.default_rng(seed)
         self.state = None
-        c = (np.arange(size) + 0.5) / size
-        self._gx, self._gy = c[None, None, :], c[None, :, None]   # pixel centres, broadcast to (N, S, S)
 
     # --- the gymnasium-style interface
     def reset(self, seed=None):
@@ -122,19 +120,23 @@ class World:
         for _ in range(4):
             lo = self.rng.uniform(0, 0.7, (n, 2)); hi = lo + self.rng.uniform(0.15, 0.35, (n, 2))
             col = self.rng.integers(40, 95, (n, 1, 1, 3)).astype(np.uint8)
-            m = self._box_mask((lo + hi) / 2, hi - lo)
-            bg = np.where(m[..., None], col, bg)
+            self._paint(bg, (lo + hi) / 2, hi - lo, col)
         return bg
 
-    def _box_mask(self, centre, extent):
-        """(N, S, S) bool: pixels whose centres fall inside axis-aligned boxes (centre, extent): (N, 2)."""
-        x0, y0 = (centre - extent / 2).T
-        x1, y1 = (centre + extent / 2).T
-        return ((self._gx >= x0[:, None, None]) & (self._gx < x1[:, None, None]) &
-                (self._gy >= y0[:, None, None]) & (self._gy < y1[:, None, None]))
+    def _coverage(self, centre, extent):
+        """(N, S, S) float: the fraction of each pixel's area inside axis-aligned boxes (centre, extent): (N, 2).
+        Edges are anti-aliased, so a frame fixes an object's position to a fraction of a pixel: a world whose
+        objects move by less than a pixel stays a function of its frames (and so learnable from them)."""
+        lo, hi = (centre - extent / 2) * self.size, (centre + extent / 2) * self.size      # (N, 2) in pixels
+        px = np.arange(self.size)
+        cx = np.clip(np.minimum(hi[:, 0, None], px + 1) - np.maximum(lo[:, 0, None], px), 0, 1)   # (N, S) per column
+        cy = np.clip(np.minimum(hi[:, 1, None], px + 1) - np.maximum(lo[:, 1, None], px), 0, 1)   # (N, S) per row
+        return cy[:, :, None] * cx[:, None, :]
 
-    def _draw(self, img, centre, size, rgb):
-        img[self._box_mask(centre, np.broadcast_to(np.asarray(size, float), centre.shape))] = rgb
+    def _paint(self, img, centre, extent, rgb):
+        """Draw boxes over img (N, S, S, 3) uint8 in place, blending each pixel by its coverage."""
+        a = self._coverage(centre, np.broadcast_to(np.asarray(extent, float), centre.shape))[..., None]
+        img[:] = np.rint(img * (1 - a) + np.asarray(rgb, float) * a).astype(np.uint8)
 
     # --- subclasses
     def _new_state(self, n): raise NotImplementedError
@@ -174,8 +176,8 @@ class Coin(World):
     def render(self):
         s = self.state
         img = s["bg"].copy()
-        self._draw(img, s["coin"], self.coin_size, (245, 205, 40))
-        self._draw(img, s["agent"], self.agent_size, AGENT_RGB)
+        self._paint(img, s["coin"], self.coin_size, (245, 205, 40))
+        self._paint(img, s["agent"], self.agent_size, AGENT_RGB)
         return img
 
     def expert_action(self):
@@ -221,9 +223,9 @@ class Pusher(World):
     def render(self):
         s = self.state
         img = s["bg"].copy()
-        self._draw(img, s["goal"], self.goal_size, (60, 200, 90))
-        self._draw(img, s["block"], self.block_size, (60, 110, 235))
-        self._draw(img, s["agent"], self.agent_size, AGENT_RGB)
+        self._paint(img, s["goal"], self.goal_size, (60, 200, 90))
+        self._paint(img, s["block"], self.block_size, (60, 110, 235))
+        self._paint(img, s["agent"], self.agent_size, AGENT_RGB)
         return img
 
     def expert_action(self):

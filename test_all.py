@@ -99,6 +99,20 @@ def test_agent_position_is_readable_and_follows_actions(name):
     assert not found.any()
 
 
+def test_edges_are_antialiased_so_a_frame_fixes_sub_pixel_positions():
+    w = make_world("pusher", size=16)
+    img = np.zeros((1, 16, 16, 3), np.uint8)
+    centre = np.array([[0.503, 0.271]])                                   # not on the pixel grid
+    w._paint(img, centre, 0.18, (255, 255, 255))
+    m = img[0, :, :, 0].astype(float)
+    ys, xs = np.mgrid[0:16, 0:16] + 0.5
+    found = np.array([(m * xs).sum(), (m * ys).sum()]) / m.sum() / 16
+    assert np.abs(found - centre[0]).max() < 0.1 / 16                     # within a tenth of a pixel
+    moved = np.zeros_like(img)
+    w._paint(moved, centre + 0.01, 0.18, (255, 255, 255))                  # a sixth of a pixel
+    assert not np.array_equal(img, moved)
+
+
 def test_bad_actions_and_names_are_user_errors():
     w = make_world("coin", num=2); w.reset()
     with pytest.raises(UserError, match="shape"):
