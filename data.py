@@ -267,7 +267,7 @@ def locate_agent(frames, agent_size):
 # ----------------------------------------------------------------------------------------------
 # corpora
 
-DATA_VERSION = 2
+DATA_VERSION = 3            # 3: anti-aliased edges
 
 
 @dataclass
