@@ -92,7 +92,7 @@ class MBRLConfig:
     cem_iters: int = opt(2, "CEM iterations per decision")
     gamma: float = opt(0.95, "discount")
     plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)")
-    eval_episodes: int = opt(8, "evaluation episodes (the same start states for every method)")
+    eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)")
 
 
 # ----------------------------------------------------------------------------------------------
