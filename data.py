@@ -129,9 +129,8 @@ class World:
         objects move by less than a pixel stays a function of its frames (and so learnable from them)."""
         lo, hi = (centre - extent / 2) * self.size, (centre + extent / 2) * self.size      # (N, 2) in pixels
         px = np.arange(self.size)
-        cx = np.clip(np.minimum(hi[:, 0, None], px + 1) - np.maximum(lo[:, 0, None], px), 0, 1)   # (N, S) per column
-        cy = np.clip(np.minimum(hi[:, 1, None], px + 1) - np.maximum(lo[:, 1, None], px), 0, 1)   # (N, S) per row
-        return cy[:, :, None] * cx[:, None, :]
+        cov = np.clip(np.minimum(hi[..., None], px + 1) - np.maximum(lo[..., None], px), 0, 1)   # (N, 2, S): x per column, y per row
+        return cov[:, 1, :, None] * cov[:, 0, None, :]
 
     def _paint(self, img, centre, extent, rgb):
         """Draw boxes over img (N, S, S, 3) uint8 in place, blending each pixel by its coverage."""
