@@ -406,6 +406,12 @@ class ClipSampler:
         s = self.rng.integers(1, self.max_start[e] + 1)
         return self.clips(e, s)
 
+    def every_clip(self):
+        """(episodes, starts) of every clip, episode by episode: appending episodes appends clips."""
+        n = self.max_start[self.ok]
+        e = np.repeat(self.ok, n)
+        return e, np.arange(len(e)) - np.repeat(np.cumsum(n) - n, n) + 1
+
     def clips(self, e, s):
         import torch
         idx = s[:, None] + np.arange(self.T)                                 # (B, T)

@@ -475,6 +475,24 @@ def test_priority_sampling_prefers_large_td_errors_with_correct_weights():
     assert np.all(pr.p[4:] == pr.p[:4].max())                            # new states enter at the top priority
 
 
+def test_world_model_replay_keeps_one_priority_per_clip_in_buffer_order():
+    """Agent.fit draws clips by priority and writes each drawn clip's error back to that clip's own slot;
+    episodes added later enter at the top priority."""
+    from mbrl import Agent, MBRLConfig, merge
+    from data import ClipSampler, play_episodes, to_float
+    agent = Agent(MBRLConfig(env="pusher", width=32, depth=1), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
+    agent.one_step_error = lambda frames, actions: (frames[:, -1] + 1).mean((1, 2, 3))   # a known 'error': brightness
+    w, rng = make_world("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
+    buf = play_episodes(w, lambda o, t: w.random_action(rng), 8)
+    agent.fit(buf, 30, 1)
+    e, s = ClipSampler(buf, 2).every_clip()
+    want = (to_float(buf["frames"][e, s + 1]) + 1).mean((1, 2, 3)).numpy() + agent.replay.eps
+    assert len(e) == 4 * 7 and np.allclose(agent.replay.p, want, atol=1e-6)   # every clip drawn, in its own slot
+    more = play_episodes(make_world("pusher", num=2, size=16, seed=1), lambda o, t: w.random_action(rng)[:2], 8)
+    agent.fit(merge(buf, more), 0, 1)
+    assert len(agent.replay.p) == 6 * 7 and np.all(agent.replay.p[28:] == want.max())
+
+
 def test_agent_clone_is_independent():
     """--imagination both continues each kind from a clone of one fitted agent: same scores, separate training."""
     from mbrl import Agent, MBRLConfig
