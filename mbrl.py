@@ -4,6 +4,7 @@
     python mbrl.py --env pusher --seeds 3       # mean and spread over seeds
     python mbrl.py --imagination both           # prioritized vs uniform imagination, same seeds, one plot
     python mbrl.py --init_from out/ckpt.pt      # start from a world model trained by train.py
+    python mbrl.py --bench 10 --candidates 256 --horizon 8   # the time of one MPC decision, nothing trained
 
 The loop, per seed:
   1. play --seed_episodes episodes with random actions: the replay buffer of real transitions;
@@ -17,8 +18,8 @@ The loop, per seed:
      real world (--episodes, with exploration), add the data; update the world model and heads; train the
      value function by TD in imagination.
 
-The reward head r(s_t, a_t) and the value V(s) read frames through keypoints (FrameNet). The value gets a few
-TD updates per round (--value_iters 30): on pusher, more of them made the planner worse (README, measured).
+The reward head r(s_t, a_t) and the value V(s) read frames through keypoints (FrameNet). The value gets
+--value_iters 30 TD updates per round.
 
 The planner is MPC with the cross-entropy method: for every world at once, sample action sequences of
 --horizon steps (a Gaussian per step for continuous actions, a categorical one for discrete actions),
@@ -32,7 +33,9 @@ sequence, and warm-start the next decision from this plan shifted by one step.
 Prioritized imagination: the value function V(s) is trained by TD on imagined rollouts that start from real
 replay states j drawn with P(j) ∝ p_j^a, p_j = |TD error_j| + eps (prioritized replay, Schaul et al. 2016), with
 importance weights (N P(j))^-b / max; the sampled states' priorities are refreshed after every update.
-`--imagination uniform` is the same with a = 0 (every state equally likely, every weight 1).
+`--imagination uniform` is the same with a = 0 (every state equally likely, every weight 1). Each rollout walks
+a few random steps in the learned model before its TD update (Agent.value_update), because the planner reads V
+on the model's frames, not on real ones.
 
 Baselines from the same script and the same evaluation episodes: random actions, and the same planner scoring
 its candidates in the true simulator (get_state / set_state), the upper bound. Writes <out>/results.json
@@ -88,7 +91,7 @@ class MBRLConfig:
     # imagination
     alpha: float = opt(0.6, "priority exponent a (prioritized); uniform uses 0")
     beta: float = opt(0.4, "importance-weight exponent b")
-    imagine_horizon: int = opt(1, "steps of each imagined rollout (greedy one-step lookahead policy)")
+    imagine_horizon: int = opt(5, "random-action steps imagined from each start state; V is trained at depth U{0..this}")
     imagine_actions: int = opt(8, "actions tried per imagined step (discrete worlds: all of them)")
     # the planner
     horizon: int = opt(5, "planning horizon H")
@@ -98,6 +101,8 @@ class MBRLConfig:
     gamma: float = opt(0.95, "discount")
     plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)")
     eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)")
+    bench: int = opt(0, "N > 0: only time N MPC decisions for one world in the learned model (untrained weights) "
+                        "at --candidates x --horizon, print the median and exit")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +247,7 @@ class Agent:
         self.opt_r = torch.optim.AdamW(self.reward.parameters(), cfg.lr)
         self.opt_v = torch.optim.AdamW(self.value.parameters(), cfg.lr)
         self.g = torch.Generator().manual_seed(seed)
+        self.amp = pick_device(cfg.device)[1]                                 # bf16 autocast on CUDA, None on CPU
         self.replay = Priorities(cfg.model_alpha, 0.0, seed, eps=1e-4)        # the world model's clips, by error
 
     def clone(self):
@@ -299,13 +305,14 @@ class Agent:
     @torch.no_grad()
     def imagine(self, s, prev_action, cand):
         """Roll the learned simulator from frames s (B, C, S, S) under candidates (B, N, H[, A]).
-        Returns the model's discounted rewards (B, N) and the last frames' alive-weighted discount (B, N),
-        and the last frames (B*N, C, S, S)."""
+        Returns the model's discounted rewards (B, N), the last frames' alive-weighted discount (B, N),
+        and the generated frames (B*N, H, C, S, S)."""
         B, N, H = cand.shape[:3]
         ctx = s[:, None].expand(B, N, *s.shape[1:]).reshape(B * N, 1, *s.shape[1:])
         first = prev_action[:, None].expand(B, N, *prev_action.shape[1:]).reshape(B * N, 1, *prev_action.shape[1:])
         acts = torch.cat([first, cand.flatten(0, 1)], 1).to(self.device)     # actions[:, 0] led into s
-        frames = rollout(self.wm, ctx, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=self.g)
+        with torch.autocast(ctx.device.type, dtype=self.amp, enabled=self.amp is not None):
+            frames = rollout(self.wm, ctx, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=self.g).float()
         seq = torch.cat([ctx, frames], 1)                                     # (B*N, H+1, C, S, S)
         r, end = self.reward(seq[:, :-1].flatten(0, 1), acts[:, 1:].flatten(0, 1))   # r(s_h, a_h), h < H
         r, done = r.view(B * N, H), torch.sigmoid(end).view(B * N, H)
@@ -313,42 +320,54 @@ class Agent:
         alive = torch.cumprod(torch.cat([torch.ones_like(done[:, :1]), 1 - done], 1), 1)   # (B*N, H+1)
         ret = (disc * alive[:, :-1] * r).sum(1)
         tail = self.cfg.gamma ** H * alive[:, -1]
-        return ret.view(B, N), tail.view(B, N), frames[:, -1]
+        return ret.view(B, N), tail.view(B, N), frames
 
     @torch.no_grad()
     def score(self, s, prev_action, cand):
-        ret, tail, last = self.imagine(s, prev_action, cand)
+        ret, tail, frames = self.imagine(s, prev_action, cand)
         if self.cfg.value_iters == 0:                                         # no value function: rewards only
             return ret.cpu()
-        return (ret + tail * self.value(last).view(ret.shape)).cpu()
+        return (ret + tail * self.value(frames[:, -1]).view(ret.shape)).cpu()
+
+    def random_actions(self, *shape):
+        """Uniformly random actions of the given leading shape: ids (discrete) or vectors in [-1, 1]^A."""
+        if self.spec["discrete"]:
+            return torch.randint(self.spec["n_actions"], shape, generator=self.g)
+        return torch.rand(*shape, self.spec["action_dim"], generator=self.g) * 2 - 1
 
     def lookahead_actions(self, B):
         """The actions tried at each imagined step: every id (discrete), or random vectors and zero (continuous)."""
         if self.spec["discrete"]:
             return torch.arange(self.spec["n_actions"]).expand(B, -1)
-        K = self.cfg.imagine_actions
-        a = torch.rand(B, K, self.spec["action_dim"], generator=self.g) * 2 - 1
+        a = self.random_actions(B, self.cfg.imagine_actions)
         a[:, 0] = 0
         return a
 
     def value_update(self, starts, states, prev_actions):
-        """One TD update of V on imagined rollouts from start states drawn by `starts` (Priorities)."""
-        idx, w = starts.sample(self.cfg.batch_size)
-        s0 = states[torch.from_numpy(idx)].to(self.device)
-        s, prev = s0, prev_actions[torch.from_numpy(idx)]
-        target, disc = torch.zeros(len(idx), device=self.device), 1.0
+        """One TD update of V in imagination, from start states drawn by `starts` (Priorities).
+
+        Each drawn replay state j is rolled forward d ~ U{0..D} steps (D = --imagine_horizon) under random actions
+        in the learned model, and V is updated at the state it reaches, s, towards a one-step greedy lookahead:
+            target = max_a [ r_hat(s, a) + gamma alive(s, a) V'(s') ],   s' the model's next frame, V' the target net,
+        weighted by j's importance weight; j's priority becomes |target - V(s)|. V is read at the planner's
+        imagined last frames, so it is trained on imagined frames, not only on real ones (on pusher, a V trained
+        on real frames alone planned worse the longer it was trained; docs/mbrl_notes.md)."""
+        B, D = self.cfg.batch_size, self.cfg.imagine_horizon
+        idx, w = starts.sample(B)
+        s, prev = states[torch.from_numpy(idx)].to(self.device), prev_actions[torch.from_numpy(idx)]
+        rows = torch.arange(B)
         with torch.no_grad():
-            for _ in range(self.cfg.imagine_horizon):                           # greedy one-step lookahead policy
-                a = self.lookahead_actions(len(idx))                             # (B, K[, A])
-                ret, tail, last = self.imagine(s, prev, a[:, :, None])           # one step per action
-                q = ret + tail * self.target(last).view(ret.shape)
-                best = q.argmax(1)
-                target += disc * ret[torch.arange(len(idx)), best]
-                disc = disc * tail[torch.arange(len(idx)), best]
-                s = last.view(len(idx), a.shape[1], *s.shape[1:])[torch.arange(len(idx)), best]
-                prev = a[torch.arange(len(idx)), best]
-            target += disc * self.target(s)
-        td = target - self.value(s0)
+            if D > 0:
+                walk = self.random_actions(B, 1, D)                             # one random action sequence per state
+                _, _, frames = self.imagine(s, prev, walk)                       # (B, D, C, S, S)
+                d = torch.randint(0, D + 1, (B,), generator=self.g)
+                s = torch.cat([s[:, None], frames], 1)[rows, d]                  # the state at depth d
+                prev = torch.cat([prev[:, None], walk[:, 0]], 1)[rows, d]        # the action that led into it
+            a = self.lookahead_actions(B)                                       # (B, K[, A])
+            ret, tail, frames = self.imagine(s, prev, a[:, :, None])             # one step per action
+            q = ret + tail * self.target(frames[:, -1]).view(ret.shape)
+            target = q.max(1).values
+        td = target - self.value(s)
         loss = (torch.as_tensor(w, device=self.device) * td.pow(2)).mean()
         self.opt_v.zero_grad(set_to_none=True); loss.backward(); self.opt_v.step()
         starts.update(idx, td.detach().abs().cpu().numpy())
@@ -545,6 +564,20 @@ def parse_args(argv=None):
     return MBRLConfig(**vars(p.parse_args(argv)))
 
 
+def bench(cfg, spec, device, why, log):
+    """The time of one MPC decision for one world in the learned simulator (untrained weights: the cost does not
+    depend on them); the first decision (warm-up) is not counted."""
+    agent = Agent(cfg, spec, device, seed=0)
+    w = make_world(cfg.env, num=1, seed=0, size=agent.size, max_steps=cfg.episode_len)
+    obs, _ = w.reset()
+    act, times = mpc_policy(w, lambda o, p, c: agent.score(to_float(o, device), p.to(device), c), spec, cfg,
+                            np.random.default_rng(0), 0.0, agent.g)
+    for t in tqdm(range(cfg.bench + 1), desc="decisions", disable=None, leave=False):
+        act(obs, t)                                                           # scores come back to the CPU: synced
+    log(f"one MPC decision, {cfg.candidates} candidates x horizon {cfg.horizon} x {cfg.cem_iters} CEM iterations: "
+        f"{1000 * np.median(times[1:]):.1f} ms (median of {cfg.bench}) on {why}")
+
+
 def main(cfg):
     world = make_world(cfg.env)
     if cfg.backbone not in BACKBONES:
@@ -562,6 +595,8 @@ def main(cfg):
     def log(msg):
         tqdm.write(msg)
         logf.write(msg + "\n"); logf.flush()
+    if cfg.bench:
+        return bench(cfg, spec, device, why, log)
     log(f"device: {why} | world '{cfg.env}' | imagination {cfg.imagination} | seeds {cfg.seeds} | out {cfg.out}")
     t_start = time.time()
     methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds[cfg.imagination]}

@@ -530,6 +530,30 @@ def test_value_iters_0_plans_on_rewards_alone():
         assert torch.allclose(shift, expect, atol=1e-4)
 
 
+def test_value_is_trained_on_imagined_states():
+    """value_update walks d ~ U{0..D} random steps in the model from each drawn replay state before its TD update:
+    with D = 0 V is trained on the real states, with D > 0 also on generated frames; both action kinds."""
+    from mbrl import Agent, MBRLConfig, Priorities, replay_states
+    from data import play_episodes
+    for env in ("coin", "pusher"):
+        w, rng = make_world(env, num=4, size=16, seed=0), np.random.default_rng(0)
+        spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
+        buf = play_episodes(w, lambda o, t: w.random_action(rng), 6)
+        states, prev = replay_states(buf)
+        for D in (0, 3):
+            agent = Agent(MBRLConfig(env=env, width=32, depth=1, batch_size=16, imagine_horizon=D), spec, "cpu", 0)
+            agent.fit(buf, 3, 1)                                                # untrained, the model copies its context
+            seen, forward = [], agent.value.forward
+            agent.value.forward = lambda x: (seen.append(x) if torch.is_grad_enabled() else None) or forward(x)
+            starts = Priorities(0.6, 0.4, 0)
+            starts.grow(len(states))
+            for _ in range(4):
+                assert np.isfinite(agent.value_update(starts, states, prev))
+            real = torch.cat(seen)[:, None].sub(states[None]).abs().amax((2, 3, 4)).min(1).values < 1e-4   # a real state?
+            assert real.all() if D == 0 else not real.all()
+            assert (starts.p != 1.0).sum() > 0                                  # priorities written back
+
+
 def test_mbrl_runs_end_to_end(tmp_path):
     r = run("mbrl.py", "--env", "pusher", "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2",
             "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3", "--update_iters", "2",
