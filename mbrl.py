@@ -14,9 +14,9 @@ The loop, per seed:
      transitions it gets wrong are drawn more often than their share of the data (pusher, after the first fit:
      the block moves in 6.5% of the clips, which get 20% of the draws)
      (steps 1-2 are shared by both kinds of imagination under --imagination both: each continues from a clone);
-  3. train the value function by TD in imagination; then for --rounds rounds: evaluate; act with MPC in the
-     real world (--episodes, with exploration), add the data; update the world model and heads; train the
-     value function by TD in imagination.
+  3. train the value function by TD in imagination; then for --rounds rounds: evaluate (every --eval_every
+     rounds); act with MPC in the real world (--episodes, with exploration), add the data; update the world
+     model and heads; train the value function by TD in imagination. A last evaluation.
 
 The reward head r(s_t, a_t) and the value V(s) read frames through keypoints (FrameNet). The value gets
 --value_iters 30 TD updates per round.
@@ -101,6 +101,7 @@ class MBRLConfig:
     gamma: float = opt(0.95, "discount")
     plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)")
     eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)")
+    eval_every: int = opt(4, "evaluate after the first fit, every this many rounds, and at the end (1: every round)")
     bench: int = opt(0, "N > 0: only time N MPC decisions for one world in the learned model (untrained weights) "
                         "at --candidates x --horizon, print the median and exit")
 
@@ -467,7 +468,7 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar):
 
 def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
     """From a fitted agent: train the value by TD in imagination (start states by `kind`), then --rounds of
-    evaluate -> act with MPC in the real world -> add the data -> update; a last evaluation."""
+    (evaluate, every --eval_every rounds) -> act with MPC in the real world -> add the data -> update; a last evaluation."""
     device, eval_seed = agent.device, 10_000 + seed
     steps = int((buffer["lengths"] - 1).sum())
     starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, seed)
@@ -497,8 +498,9 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
         bar.update(1)
 
     learn(0)
-    for _ in range(cfg.rounds):
-        evaluate()
+    for r in range(cfg.rounds):
+        if r % cfg.eval_every == 0:
+            evaluate()
         w = make_world(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
         act, _ = mpc_policy(w, learned_scores, spec, cfg, rng, cfg.explore, agent.g)
         eps = play_episodes(w, act, cfg.episode_len)
@@ -585,8 +587,8 @@ def main(cfg):
     kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}
     if cfg.imagination not in kinds:
         raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
-    if cfg.seeds < 1 or cfg.rounds < 0 or cfg.elites > cfg.candidates:
-        raise UserError("need --seeds >= 1, --rounds >= 0 and --elites <= --candidates")
+    if cfg.seeds < 1 or cfg.rounds < 0 or cfg.eval_every < 1 or cfg.elites > cfg.candidates:
+        raise UserError("need --seeds >= 1, --rounds >= 0, --eval_every >= 1 and --elites <= --candidates")
     device, _, why = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     spec = dict(discrete=world.discrete, n_actions=world.n_actions, action_dim=world.action_dim)
