@@ -323,6 +323,10 @@ class Agent:
         tail = self.cfg.gamma ** H * alive[:, -1]
         return ret.view(B, N), tail.view(B, N), frames
 
+    def plan_scores(self, obs, prev_action, cand):
+        """The planner's score of candidates from raw observations (N, S, S, 3) uint8: see score."""
+        return self.score(to_float(obs, self.device), prev_action.to(self.device), cand)
+
     @torch.no_grad()
     def score(self, s, prev_action, cand):
         ret, tail, frames = self.imagine(s, prev_action, cand)
@@ -469,17 +473,14 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar):
 def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
     """From a fitted agent: train the value by TD in imagination (start states by `kind`), then --rounds of
     (evaluate, every --eval_every rounds) -> act with MPC in the real world -> add the data -> update; a last evaluation."""
-    device, eval_seed = agent.device, 10_000 + seed
+    eval_seed = 10_000 + seed
     steps = int((buffer["lengths"] - 1).sum())
     starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, seed)
     curve, dec_times = [], []
 
-    def learned_scores(obs, prev, cand):
-        return agent.score(to_float(obs, device), prev.to(device), cand)
-
     def evaluate():
         w = make_world(cfg.env, num=cfg.eval_episodes, seed=eval_seed, **world_kw)
-        act, times = mpc_policy(w, learned_scores, spec, cfg, rng, 0.0, agent.g)
+        act, times = mpc_policy(w, agent.plan_scores, spec, cfg, rng, 0.0, agent.g)
         R = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
         dec_times.extend(times)
         curve.append((steps, R))
@@ -502,7 +503,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
         if r % cfg.eval_every == 0:
             evaluate()
         w = make_world(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
-        act, _ = mpc_policy(w, learned_scores, spec, cfg, rng, cfg.explore, agent.g)
+        act, _ = mpc_policy(w, agent.plan_scores, spec, cfg, rng, cfg.explore, agent.g)
         eps = play_episodes(w, act, cfg.episode_len)
         buffer = merge(buffer, eps)
         steps += int((eps["lengths"] - 1).sum())
@@ -572,8 +573,7 @@ def bench(cfg, spec, device, why, log):
     agent = Agent(cfg, spec, device, seed=0)
     w = make_world(cfg.env, num=1, seed=0, size=agent.size, max_steps=cfg.episode_len)
     obs, _ = w.reset()
-    act, times = mpc_policy(w, lambda o, p, c: agent.score(to_float(o, device), p.to(device), c), spec, cfg,
-                            np.random.default_rng(0), 0.0, agent.g)
+    act, times = mpc_policy(w, agent.plan_scores, spec, cfg, np.random.default_rng(0), 0.0, agent.g)
     for t in tqdm(range(cfg.bench + 1), desc="decisions", disable=None, leave=False):
         act(obs, t)                                                           # scores come back to the CPU: synced
     log(f"one MPC decision, {cfg.candidates} candidates x horizon {cfg.horizon} x {cfg.cem_iters} CEM iterations: "
