@@ -37,6 +37,14 @@ class UserError(Exception):
     """A mistake in what the user asked for. Scripts print it as one line and exit with code 2."""
 
 
+class Stopped(Exception):
+    """A run stopped by a signal after saving its work; the message says how to resume. Exit code 128 + signal."""
+
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
 def run_cli(main):
     """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2, no traceback."""
     try:
@@ -44,6 +52,9 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -422,6 +433,22 @@ class ClipSampler:
             out["rewards"] = torch.from_numpy(self.split["rewards"][e[:, None], idx - 1])
             out["ends"] = torch.from_numpy(self.split["ends"][e[:, None], idx - 1])
         return out
+
+
+def spread_clips(lengths, length, n):
+    """n deterministic clips of `length` frames (episodes, starts), spread over every episode: the j-th clip comes
+    from episode floor(j E / n) when n <= E (so the picks span the first to the last episode), from episode j mod E
+    when n > E; successive visits to an episode take its successive non-overlapping windows. Capped at the number
+    of distinct windows."""
+    windows = [np.arange(1, L - length + 1, length) for L in lengths]           # starts of non-overlapping windows
+    ok = np.array([i for i, w in enumerate(windows) if len(w)])
+    if len(ok) == 0:
+        raise UserError(f"no held-out episode is long enough for clips of {length} frames: lower --horizon")
+    n, E = min(n, sum(len(w) for w in windows)), len(ok)
+    j = np.arange(n)
+    rank, visit = ((j * E) // n, j) if n <= E else (j % E, j // E)
+    e = ok[rank]
+    return e, np.array([windows[i][v % len(windows[i])] for i, v in zip(e, visit)])
 
 
 def to_float(frames, device="cpu"):

@@ -52,23 +52,26 @@ def motion_weights(frames, cell, c=1.0, temp=0.05, s_max=8.0):
     return w.reshape(B, T, H // cell, W // cell)
 
 
-def noise_levels(B, T, device, generator=None):
-    """(B, T) per-frame noise levels: a clean prefix of random length k in 1..T-1, then independent U(0, 1)."""
+def flow_matching_noise(frames_shape, device, generator):
+    """The randomness of one flow-matching batch, drawn apart from the loss so that a batch split over processes
+    (torchrun) uses the very draws the whole batch would: per-frame noise levels tau (B, T), a clean prefix of random
+    length k in 1..T-1 followed by independent U(0, 1) levels, and the noise eps (B, T, C, H, W)."""
+    B, T = frames_shape[:2]
     k = torch.randint(1, T, (B, 1), device=device, generator=generator)
     t = torch.rand(B, T, device=device, generator=generator)
-    return torch.where(torch.arange(T, device=device) < k, torch.zeros_like(t), t)
+    tau = torch.where(torch.arange(T, device=device) < k, torch.zeros_like(t), t)
+    return dict(tau=tau, eps=torch.randn(frames_shape, device=device, generator=generator))
 
 
-def flow_matching_loss(model, frames, actions=None, motion_c=1.0, motion_temp=0.05, cell=4, generator=None):
+def flow_matching_loss(model, frames, actions=None, motion_c=0.0, motion_temp=0.05, cell=4, noise=None, generator=None):
     """Motion-weighted flow-matching loss of `model` on a batch of clips.
 
-    frames (B, T, C, H, W) in [-1, 1]; actions as the model takes them, or None.
-    Returns the scalar loss, averaged over the frames being denoised (t > 0)."""
-    B, T = frames.shape[:2]
-    tau = noise_levels(B, T, frames.device, generator)
-    eps = torch.randn(frames.shape, device=frames.device, generator=generator)
+    frames (B, T, C, H, W) in [-1, 1]; actions as the model takes them, or None; noise: flow_matching_noise's draws
+    (None: drawn here from `generator`). Returns the scalar loss, averaged over the frames being denoised (t > 0)."""
+    noise = noise if noise is not None else flow_matching_noise(frames.shape, frames.device, generator)
+    tau = noise["tau"]
     t = tau[:, :, None, None, None]
-    x_t = (1 - t) * frames + t * eps
+    x_t = (1 - t) * frames + t * noise["eps"]
     x0_hat = model(x_t, tau, actions=actions).float()
     per = (x0_hat - frames).pow(2).mean(2)                                      # (B, T, H, W) = t^2 |v_hat - v|^2
     per = F.avg_pool2d(per, cell)                                              # (B, T, H/cell, W/cell) on the grid
@@ -78,11 +81,11 @@ def flow_matching_loss(model, frames, actions=None, motion_c=1.0, motion_temp=0.
     return (per_frame * denoised).sum() / denoised.sum()
 
 
-def motion_cross_entropy(model, frames, actions=None, motion_c=1.0, motion_temp=0.05, cell=4, generator=None):
+def motion_cross_entropy(model, frames, actions=None, motion_c=0.0, motion_temp=0.05, cell=4, noise=None, generator=None):
     """Motion-weighted next-code cross-entropy of a token `model` on a batch of clips.
 
     frames (B, T, C, H, W) in [-1, 1]; `cell` is the tokenizer's cell size. Returns the scalar loss,
-    averaged over the codes of frames 1..T-1 (generator: unused, the loss is deterministic)."""
+    averaged over the codes of frames 1..T-1 (noise, generator: unused, the loss draws nothing)."""
     B, T = frames.shape[:2]
     z = model.backbone.tokenizer.encode(frames)                                  # (B, T, N) code ids
     logits = model(z, actions=actions).float()                                   # (B, T*N, K)
@@ -92,3 +95,4 @@ def motion_cross_entropy(model, frames, actions=None, motion_c=1.0, motion_temp=
 
 
 LOSSES = {"dit": flow_matching_loss, "ar": motion_cross_entropy}
+NOISE = {"dit": flow_matching_noise, "ar": lambda shape, device, generator: None}   # what each loss draws per batch

@@ -11,8 +11,7 @@ The loop, per seed:
   2. fit the world model (model.py + adapter.py, trained by loss.py) and a reward head (with an
      episode-end head) on the buffer: during planning, rewards come from these heads, never from the world.
      The model's clips are replayed by priority, P ∝ (its one-step error on the clip)^a (Agent.fit), so rare
-     transitions it gets wrong are drawn more often than their share of the data (pusher, after the first fit:
-     the block moves in 6.5% of the clips, which get 20% of the draws)
+     transitions it gets wrong are drawn more often than their share of the data
      (steps 1-2 are shared by both kinds of imagination under --imagination both: each continues from a clone);
   3. train the value function by TD in imagination; then for --rounds rounds: evaluate (every --eval_every
      rounds); act with MPC in the real world (--episodes, with exploration), add the data; update the world
@@ -32,10 +31,13 @@ sequence, and warm-start the next decision from this plan shifted by one step.
 
 Prioritized imagination: the value function V(s) is trained by TD on imagined rollouts that start from real
 replay states j drawn with P(j) ∝ p_j^a, p_j = |TD error_j| + eps (prioritized replay, Schaul et al. 2016), with
-importance weights (N P(j))^-b / max; the sampled states' priorities are refreshed after every update.
-`--imagination uniform` is the same with a = 0 (every state equally likely, every weight 1). Each rollout walks
-a few random steps in the learned model before its TD update (Agent.value_update), because the planner reads V
-on the model's frames, not on real ones.
+importance weights (N P(j))^-b / max_k (N P(k))^-b; the sampled states' priorities are refreshed after every update
+with their own TD errors. `--imagination uniform` is the same with a = 0 (every state equally likely, every weight 1).
+Each TD update is made after a few random steps in the learned model from the drawn state (Agent.value_update),
+because the planner reads V on the model's frames, not on real ones.
+
+Every random draw comes from generators made for the seed on the device that uses them: seeds are independent,
+and evaluating (which plans with generators of its own) does not change what is trained.
 
 Baselines from the same script and the same evaluation episodes: random actions, and the same planner scoring
 its candidates in the true simulator (get_state / set_state), the upper bound. Writes <out>/results.json
@@ -55,12 +57,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ClipSampler, UserError, WORLDS, make_world, play_episodes, run_cli, to_float
-from model import BACKBONES, pick_device
+from data import ClipSampler, DataConfig, UserError, WORLDS, make_world, play_episodes, run_cli, to_float
+from model import BACKBONES, make_generator, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES
-from sample import load_model, read_checkpoint, rollout
-from train import opt
+from sample import CKPT_FORMAT, load_model, read_checkpoint, rollout
+from train import opt, save_checkpoint
 
 
 @dataclass
@@ -157,18 +159,24 @@ class Value(FrameNet):
 
 
 # ----------------------------------------------------------------------------------------------
-# the planner: CEM over action sequences, Gaussian (continuous) or categorical (discrete)
+# actions and the planner: CEM over action sequences, Gaussian (continuous) or categorical (discrete)
+
+def random_actions(spec, shape, g):
+    """Uniformly random actions of a leading shape, on the generator's device: ids, or vectors in [-1, 1]^A."""
+    if spec["discrete"]:
+        return torch.randint(spec["n_actions"], shape, generator=g, device=g.device)
+    return torch.rand(*shape, spec["action_dim"], generator=g, device=g.device) * 2 - 1
+
 
 class CEM:
-    """One planner for B worlds at once. plan(score) -> the first action of the best sequence per world.
-
-    score(cand) takes candidates (B, N, H) ids or (B, N, H, A) vectors and returns (B, N) scores."""
+    """One planner for B worlds at once, on the device of its generator. plan(score) -> the first action of the best
+    sequence per world. score(cand) takes candidates (B, N, H) ids or (B, N, H, A) vectors and returns (B, N) scores."""
 
     def __init__(self, spec, B, cfg, generator):
         self.spec, self.B, self.cfg, self.g = spec, B, cfg, generator
-        H = cfg.horizon
-        self.param = (torch.full((B, H, spec["n_actions"]), 1 / spec["n_actions"]) if spec["discrete"]
-                      else torch.zeros(B, H, spec["action_dim"]))              # probs, or means
+        H, dev = cfg.horizon, generator.device
+        self.param = (torch.full((B, H, spec["n_actions"]), 1 / spec["n_actions"], device=dev) if spec["discrete"]
+                      else torch.zeros(B, H, spec["action_dim"], device=dev))          # probs, or means
 
     def _sample(self, param, std):
         B, H = param.shape[:2]
@@ -176,23 +184,23 @@ class CEM:
         if self.spec["discrete"]:
             flat = param.reshape(B * H, -1)
             return torch.multinomial(flat, N, replacement=True, generator=self.g).view(B, H, N).permute(0, 2, 1)
-        noise = torch.randn((B, N) + param.shape[1:], generator=self.g)
+        noise = torch.randn((B, N) + param.shape[1:], generator=self.g, device=param.device)
         return (param[:, None] + std[:, None] * noise).clamp(-1, 1)
 
     def plan(self, score):
         cfg, B = self.cfg, self.B
         param, std = self.param, torch.ones_like(self.param) * 0.7
+        rows = torch.arange(B, device=param.device)
         for _ in range(cfg.cem_iters):
             cand = self._sample(param, std)                                     # (B, N, H[, A])
-            s = score(cand)                                                     # (B, N)
-            top = s.topk(cfg.elites, 1).indices
-            elite = torch.stack([cand[b, top[b]] for b in range(B)])            # (B, E, H[, A])
+            s = score(cand).to(param.device)                                    # (B, N)
+            elite = cand[rows[:, None], s.topk(cfg.elites, 1).indices]          # (B, E, H[, A])
             if self.spec["discrete"]:
                 freq = F.one_hot(elite, self.spec["n_actions"]).float().mean(1)  # (B, H, K)
                 param = 0.9 * freq + 0.1 / self.spec["n_actions"]
             else:
                 param, std = elite.mean(1), elite.std(1).clamp(min=0.05)
-            best = cand[torch.arange(B), s.argmax(1)]                           # (B, H[, A])
+            best = cand[rows, s.argmax(1)]                                      # (B, H[, A])
         fresh = 1 / self.spec["n_actions"] if self.spec["discrete"] else 0.0      # warm start: shift the plan by one
         self.param = torch.cat([param[:, 1:], torch.full_like(param[:, :1], fresh)], 1)
         return best[:, 0]
@@ -205,7 +213,7 @@ def true_scores(world, cand, gamma):
     tiled = {k: (np.repeat(v, N, 0) if k != "rng" else v) for k, v in saved.items()}
     world.set_state(tiled)
     total, alive = np.zeros(B * N), np.ones(B * N)
-    acts = cand.flatten(0, 1).numpy()
+    acts = cand.flatten(0, 1).cpu().numpy()
     for h in range(H):
         _, r, term, _, _ = world.step(acts[:, h])
         total += gamma ** h * alive * r
@@ -217,49 +225,53 @@ def true_scores(world, cand, gamma):
 # ----------------------------------------------------------------------------------------------
 # the learned simulator: world model + reward head + value
 
+def new_world_model(cfg, spec, device):
+    """The world model: a train.py checkpoint (--init_from), or a small DiT/GPT with the film adapter at --size."""
+    if cfg.init_from:
+        wm, ck = load_model(cfg.init_from, device, ema=True)
+        if ck["spec"] != spec:
+            raise UserError(f"--init_from {cfg.init_from} was trained on '{ck['data']['env']}' actions, not '{cfg.env}'s")
+        if wm.adapter is None:
+            raise UserError(f"--init_from {cfg.init_from} has no action adapter: pass a finetune/scratch checkpoint")
+        return wm.train(), ck["backbone"], ck["model_args"]
+    cls, mcls = BACKBONES[cfg.backbone]
+    kw = dict(size=cfg.size, width=cfg.width, depth=cfg.depth, heads=4, clip_len=2)
+    if cfg.backbone == "dit":
+        kw.update(patch=4, margin=4)
+    return WorldModel(cls(mcls(**kw)), "film", spec).to(device), cfg.backbone, asdict(mcls(**kw))
+
+
 class Agent:
-    """The world model, its reward head, the value function, their optimizers, and the imagination."""
+    """The world model, its reward head, the value function, their optimizers, and the imagination.
+    Every draw comes from generators made for this agent's seed on its device: `g` for training; planning takes a
+    generator from its caller (acting, evaluating), so evaluating never changes what is trained."""
 
     def __init__(self, cfg, spec, device, seed):
-        self.cfg, self.spec, self.device = cfg, spec, device
-        torch.manual_seed(seed)
-        if cfg.init_from:
-            self.wm, ck = load_model(cfg.init_from, device, ema=True)
-            self.kind = ck["backbone"]
-            if ck["spec"] != spec:
-                raise UserError(f"--init_from {cfg.init_from} was trained on '{ck['data']['env']}' actions, not '{cfg.env}'s")
-            if self.wm.adapter is None:
-                raise UserError(f"--init_from {cfg.init_from} has no action adapter: pass a finetune/scratch checkpoint")
-            self.wm.train()
-        else:
-            self.kind = cfg.backbone
-            cls, mcls = BACKBONES[cfg.backbone]
-            kw = dict(size=cfg.size, width=cfg.width, depth=cfg.depth, heads=4, clip_len=2)
-            if cfg.backbone == "dit":
-                kw.update(patch=4, margin=4)
-            self.wm = WorldModel(cls(mcls(**kw)), "film", spec).to(device)
-        self.size = self.wm.backbone.cfg.size
-        self.reward = RewardHead(self.size, spec).to(device)
-        self.value = Value(self.size).to(device)
-        self.target = Value(self.size).to(device).requires_grad_(False)
-        self.target.load_state_dict(self.value.state_dict())
-        params = lambda m: [p for p in m.parameters() if p.requires_grad]
-        self.opt_wm = torch.optim.AdamW(params(self.wm), cfg.lr, weight_decay=0.01)
+        self.cfg, self.spec, self.device = cfg, spec, torch.device(device)
+        with seeded(seed):
+            self.wm, self.kind, self.model_args = new_world_model(cfg, spec, self.device)
+            self.size = self.wm.backbone.cfg.size
+            self.reward = RewardHead(self.size, spec).to(self.device)
+            self.value = Value(self.size).to(self.device)
+        self.target = copy.deepcopy(self.value).requires_grad_(False)
+        self.opt_wm = torch.optim.AdamW([p for p in self.wm.parameters() if p.requires_grad], cfg.lr, weight_decay=0.01)
         self.opt_r = torch.optim.AdamW(self.reward.parameters(), cfg.lr)
         self.opt_v = torch.optim.AdamW(self.value.parameters(), cfg.lr)
-        self.g = torch.Generator().manual_seed(seed)
+        self.g = make_generator(self.device, seed)
         self.amp = pick_device(cfg.device)[1]                                 # bf16 autocast on CUDA, None on CPU
         self.replay = Priorities(cfg.model_alpha, 0.0, seed, eps=1e-4)        # the world model's clips, by error
 
     def clone(self):
-        """An independent copy: fresh modules (the adapter's hooks belong to their instance, so no deepcopy),
-        the same weights, optimizer states and generator state."""
-        twin = Agent(self.cfg, self.spec, self.device, seed=0)
-        for name in ("wm", "reward", "value", "target", "opt_wm", "opt_r", "opt_v"):
-            getattr(twin, name).load_state_dict(copy.deepcopy(getattr(self, name).state_dict()))
-        twin.g.set_state(self.g.get_state())
-        twin.replay = copy.deepcopy(self.replay)
-        return twin
+        """An independent copy (weights, optimizer states, replay priorities, generator state), for --imagination
+        both: each kind continues from the same fitted agent on the same random stream, a paired comparison."""
+        return copy.deepcopy(self)
+
+    def checkpoint(self, desc):
+        """The world model as a train.py checkpoint (sample.py reads it), with the reward and value heads."""
+        w = self.wm.state_dict()
+        return dict(desc, format=CKPT_FORMAT, backbone=self.kind, model_args=self.model_args, spec=self.spec,
+                    adapter=self.wm.kind, stage="mbrl", model=w, ema=w, reward=self.reward.state_dict(),
+                    value=self.value.state_dict())
 
     # --- fitting on real data
     def fit(self, buffer, iters, rng_seed):
@@ -268,32 +280,36 @@ class Agent:
         The world model's clips are drawn by prioritized replay (Priorities, no importance weights: the bias
         towards hard clips is the point): a clip's priority is the model's error on its last frame, predicted
         from the frames before it the way the planner predicts (one_step_error), refreshed after each update;
-        new clips enter at the top. Rare events the model gets wrong (a push of the block) are drawn more often
-        than their share of the data. --model_alpha 0 is uniform replay."""
+        new clips enter at the top. --model_alpha 0 is uniform replay."""
         wm_clips = ClipSampler(buffer, self.wm.backbone.cfg.clip_len, seed=rng_seed)
         episode, start = wm_clips.every_clip()
         self.replay.grow(len(episode) - len(self.replay.p))
         pairs = ClipSampler(buffer, 2, seed=rng_seed + 1)
-        loss_fn = LOSSES[self.kind]
         loss = loss_r = torch.tensor(float("nan"))                          # iters = 0: only the priorities grow
         for _ in range(iters):
             idx, _ = self.replay.sample(self.cfg.batch_size)
             b = wm_clips.clips(episode[idx], start[idx])
-            frames, actions = b["frames"].to(self.device), b["actions"].to(self.device)
-            self.wm.train()
-            loss = loss_fn(self.wm, frames, actions, 0.0, cell=self.wm.backbone.cell)
-            self.opt_wm.zero_grad(set_to_none=True); loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.wm.parameters(), 1.0); self.opt_wm.step()
-            if self.replay.alpha > 0:
-                self.replay.update(idx, self.one_step_error(frames, actions).cpu().numpy())
-            p = pairs.sample(self.cfg.batch_size)
-            x = p["frames"].to(self.device)
-            r, end = self.reward(x[:, 0], p["actions"][:, 1].to(self.device))       # actions[:, 1] leads x0 -> x1
-            loss_r = F.mse_loss(r, p["rewards"][:, 1].to(self.device)) + \
-                F.binary_cross_entropy_with_logits(end, p["ends"][:, 1].float().to(self.device))
-            self.opt_r.zero_grad(set_to_none=True); loss_r.backward(); self.opt_r.step()
+            loss = self.model_step(b["frames"].to(self.device), b["actions"].to(self.device), idx)
+            loss_r = self.reward_step(pairs.sample(self.cfg.batch_size))
         self.wm.eval()
         return loss.item(), loss_r.item()
+
+    def model_step(self, frames, actions, idx):
+        self.wm.train()
+        loss = LOSSES[self.kind](self.wm, frames, actions, 0.0, cell=self.wm.backbone.cell, generator=self.g)
+        self.opt_wm.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.wm.parameters(), 1.0); self.opt_wm.step()
+        if self.replay.alpha > 0:
+            self.replay.update(idx, self.one_step_error(frames, actions).cpu().numpy())
+        return loss.detach()
+
+    def reward_step(self, p):
+        x = p["frames"].to(self.device)
+        r, end = self.reward(x[:, 0], p["actions"][:, 1].to(self.device))   # actions[:, 1] leads x0 -> x1
+        loss = F.mse_loss(r, p["rewards"][:, 1].to(self.device)) + \
+            F.binary_cross_entropy_with_logits(end, p["ends"][:, 1].float().to(self.device))
+        self.opt_r.zero_grad(set_to_none=True); loss.backward(); self.opt_r.step()
+        return loss.detach()
 
     @torch.no_grad()
     def one_step_error(self, frames, actions):
@@ -304,16 +320,16 @@ class Agent:
 
     # --- imagination
     @torch.no_grad()
-    def imagine(self, s, prev_action, cand):
-        """Roll the learned simulator from frames s (B, C, S, S) under candidates (B, N, H[, A]).
+    def imagine(self, s, prev_action, cand, g):
+        """Roll the learned simulator from frames s (B, C, S, S) under candidates (B, N, H[, A]), noise from g.
         Returns the model's discounted rewards (B, N), the last frames' alive-weighted discount (B, N),
         and the generated frames (B*N, H, C, S, S)."""
         B, N, H = cand.shape[:3]
         ctx = s[:, None].expand(B, N, *s.shape[1:]).reshape(B * N, 1, *s.shape[1:])
-        first = prev_action[:, None].expand(B, N, *prev_action.shape[1:]).reshape(B * N, 1, *prev_action.shape[1:])
-        acts = torch.cat([first, cand.flatten(0, 1)], 1).to(self.device)     # actions[:, 0] led into s
-        with torch.autocast(ctx.device.type, dtype=self.amp, enabled=self.amp is not None):
-            frames = rollout(self.wm, ctx, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=self.g).float()
+        first = prev_action.to(self.device)[:, None].expand(B, N, *prev_action.shape[1:])
+        acts = torch.cat([first.reshape(B * N, 1, *prev_action.shape[1:]), cand.to(self.device).flatten(0, 1)], 1)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            frames = rollout(self.wm, ctx, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=g).float()
         seq = torch.cat([ctx, frames], 1)                                     # (B*N, H+1, C, S, S)
         r, end = self.reward(seq[:, :-1].flatten(0, 1), acts[:, 1:].flatten(0, 1))   # r(s_h, a_h), h < H
         r, done = r.view(B * N, H), torch.sigmoid(end).view(B * N, H)
@@ -323,67 +339,71 @@ class Agent:
         tail = self.cfg.gamma ** H * alive[:, -1]
         return ret.view(B, N), tail.view(B, N), frames
 
-    def plan_scores(self, obs, prev_action, cand):
-        """The planner's score of candidates from raw observations (N, S, S, 3) uint8: see score."""
-        return self.score(to_float(obs, self.device), prev_action.to(self.device), cand)
-
     @torch.no_grad()
-    def score(self, s, prev_action, cand):
-        ret, tail, frames = self.imagine(s, prev_action, cand)
+    def score(self, s, prev_action, cand, g):
+        """The planner's score of candidates: discounted model rewards plus the discounted value of the last frame."""
+        ret, tail, frames = self.imagine(s, prev_action, cand, g)
         if self.cfg.value_iters == 0:                                         # no value function: rewards only
-            return ret.cpu()
-        return (ret + tail * self.value(frames[:, -1]).view(ret.shape)).cpu()
+            return ret
+        return ret + tail * self.value(frames[:, -1]).view(ret.shape)
 
-    def random_actions(self, *shape):
-        """Uniformly random actions of the given leading shape: ids (discrete) or vectors in [-1, 1]^A."""
-        if self.spec["discrete"]:
-            return torch.randint(self.spec["n_actions"], shape, generator=self.g)
-        return torch.rand(*shape, self.spec["action_dim"], generator=self.g) * 2 - 1
+    def plan_scores(self, obs, prev_action, cand, g):
+        """score() from raw observations (N, S, S, 3) uint8."""
+        return self.score(to_float(obs, self.device), prev_action, cand, g)
 
+    # --- the value, by TD in imagination
     def lookahead_actions(self, B):
         """The actions tried at each imagined step: every id (discrete), or random vectors and zero (continuous)."""
         if self.spec["discrete"]:
-            return torch.arange(self.spec["n_actions"]).expand(B, -1)
-        a = self.random_actions(B, self.cfg.imagine_actions)
+            return torch.arange(self.spec["n_actions"], device=self.device).expand(B, -1)
+        a = random_actions(self.spec, (B, self.cfg.imagine_actions), self.g)
         a[:, 0] = 0
         return a
 
-    def value_update(self, starts, states, prev_actions):
-        """One TD update of V in imagination, from start states drawn by `starts` (Priorities).
-
-        Each drawn replay state j is rolled forward d ~ U{0..D} steps (D = --imagine_horizon) under random actions
-        in the learned model, and V is updated at the state it reaches, s, towards a one-step greedy lookahead:
-            target = max_a [ r_hat(s, a) + gamma alive(s, a) V'(s') ],   s' the model's next frame, V' the target net,
-        weighted by j's importance weight; j's priority becomes |target - V(s)|. V is read at the planner's
-        imagined last frames, so it is trained on imagined frames, not only on real ones (on pusher, a V trained
-        on real frames alone planned worse the longer it was trained; docs/mbrl_notes.md)."""
-        B, D = self.cfg.batch_size, self.cfg.imagine_horizon
-        idx, w = starts.sample(B)
-        s, prev = states[torch.from_numpy(idx)].to(self.device), prev_actions[torch.from_numpy(idx)]
-        rows = torch.arange(B)
+    def td_error(self, s, prev):
+        """target - V(s) at frames s (B, C, S, S), the target a one-step greedy lookahead in the model:
+            target = max_a [ r_hat(s, a) + gamma alive(s, a) V'(s') ],   s' the model's next frame, V' the target net."""
         with torch.no_grad():
-            if D > 0:
-                walk = self.random_actions(B, 1, D)                             # one random action sequence per state
-                _, _, frames = self.imagine(s, prev, walk)                       # (B, D, C, S, S)
-                d = torch.randint(0, D + 1, (B,), generator=self.g)
-                s = torch.cat([s[:, None], frames], 1)[rows, d]                  # the state at depth d
-                prev = torch.cat([prev[:, None], walk[:, 0]], 1)[rows, d]        # the action that led into it
-            a = self.lookahead_actions(B)                                       # (B, K[, A])
-            ret, tail, frames = self.imagine(s, prev, a[:, :, None])             # one step per action
-            q = ret + tail * self.target(frames[:, -1]).view(ret.shape)
-            target = q.max(1).values
-        td = target - self.value(s)
+            a = self.lookahead_actions(len(s))                                 # (B, K[, A])
+            ret, tail, frames = self.imagine(s, prev, a[:, :, None], self.g)   # one step per action
+            target = (ret + tail * self.target(frames[:, -1]).view(ret.shape)).max(1).values
+        return target - self.value(s)
+
+    @torch.no_grad()
+    def walk(self, s, prev):
+        """Each frame of s (B, C, S, S) walked d ~ U{0..D} random steps in the model (D = --imagine_horizon):
+        the state reached and the action that led into it."""
+        B, D = len(s), self.cfg.imagine_horizon
+        if D == 0:
+            return s, prev
+        steps = random_actions(self.spec, (B, 1, D), self.g)                  # one random action sequence per state
+        _, _, frames = self.imagine(s, prev, steps, self.g)                   # (B, D, C, S, S)
+        d, rows = torch.randint(0, D + 1, (B,), generator=self.g, device=self.device), torch.arange(B, device=self.device)
+        return torch.cat([s[:, None], frames], 1)[rows, d], torch.cat([prev[:, None], steps[:, 0]], 1)[rows, d]
+
+    def value_update(self, starts, states, prev_actions):
+        """One TD update of V in imagination, from replay states j drawn by `starts` (Priorities).
+
+        V is updated at the state each drawn j reaches by a random walk in the model (walk), towards td_error's
+        target, weighted by j's importance weight: the planner reads V on the model's frames, so V is trained on
+        them, not only on real ones (docs/mbrl_notes.md). j's priority becomes |TD error| at j itself, the real
+        state it was drawn for."""
+        idx, w = starts.sample(self.cfg.batch_size)
+        s, prev = states[torch.from_numpy(idx)].to(self.device), prev_actions[torch.from_numpy(idx)].to(self.device)
+        at_start = self.td_error(s, prev)
+        td = self.td_error(*self.walk(s, prev)) if self.cfg.imagine_horizon else at_start
         loss = (torch.as_tensor(w, device=self.device) * td.pow(2)).mean()
         self.opt_v.zero_grad(set_to_none=True); loss.backward(); self.opt_v.step()
-        starts.update(idx, td.detach().abs().cpu().numpy())
+        starts.update(idx, at_start.detach().abs().cpu().numpy())
         with torch.no_grad():
             torch._foreach_lerp_(list(self.target.parameters()), list(self.value.parameters()), 0.05)
         return loss.item()
 
 
 class Priorities:
-    """Sampling of replay states by priority: P(j) = p_j^a / sum p^a, weights (N P(j))^-b / max_j.
-    New states enter with the largest priority so far, so each is drawn soon. a = 0 is uniform sampling."""
+    """Sampling of replay states by priority: P(j) = p_j^a / sum p^a, importance weights (N P(j))^-b / max_k (N P(k))^-b,
+    the max over every state (so a weight is the same whichever batch it is drawn in). New states enter with the
+    largest priority so far, so each is drawn soon. a = 0 is uniform sampling."""
 
     def __init__(self, alpha, beta, seed, eps=1e-2):
         self.alpha, self.beta, self.eps = alpha, beta, eps
@@ -401,8 +421,8 @@ class Priorities:
     def sample(self, k):
         P = self.probs()
         idx = self.rng.choice(len(P), k, p=P)
-        w = (len(P) * P[idx]) ** -self.beta
-        return idx, (w / w.max()).astype(np.float32)
+        w = (P[idx] / P.min()) ** -self.beta                                   # = (N P(j))^-b / max_k (N P(k))^-b
+        return idx, w.astype(np.float32)
 
     def update(self, idx, td):
         self.p[idx] = np.abs(td) + self.eps
@@ -425,19 +445,19 @@ def replay_states(buffer):
     return to_float(buffer["frames"][e, t]), torch.from_numpy(prev)
 
 
-def mpc_policy(world, plan_scores, spec, cfg, rng, explore, g):
-    """A policy for play_episodes: CEM on plan_scores(obs, prev_action, cand), optional random exploration."""
+def mpc_policy(world, plan_scores, spec, cfg, g, explore=0.0, rng=None):
+    """A policy for play_episodes: CEM on plan_scores(obs, prev_action, cand, g), with probability `explore` a random
+    action instead (drawn from the numpy rng). Returns the policy and the list its decision times go to."""
     cem = CEM(spec, world.num, cfg, g)
-    prev = torch.zeros((world.num,) if spec["discrete"] else (world.num, spec["action_dim"]),
-                       dtype=torch.long if spec["discrete"] else torch.float32)
+    prev = torch.zeros((world.num,) if spec["discrete"] else (world.num, spec["action_dim"]), device="cpu",
+                       dtype=torch.long if spec["discrete"] else torch.float32)                  # as the world gives it
     times = []
 
     def act(obs, t):
         nonlocal prev
         t0 = time.time()
-        a = cem.plan(lambda cand: plan_scores(obs, prev, cand))
+        a = cem.plan(lambda cand: plan_scores(obs, prev, cand, g)).cpu().numpy()
         times.append(time.time() - t0)
-        a = a.numpy()
         if explore > 0:
             a = np.where((rng.random(world.num) < explore).reshape((-1,) + (1,) * (a.ndim - 1)), world.random_action(rng), a)
         prev = torch.as_tensor(a)
@@ -451,7 +471,8 @@ def episode_return(eps):
 
 def run_seed(cfg, seed, kinds, spec, device, log, bar):
     """One seed: random-action data and the first fit of the world model and reward head, shared by every kind of
-    imagination (each continues from its own copy of the same fitted agent, so the comparison is paired).
+    imagination (each continues from its own copy of the same fitted agent, so the comparison is paired). Each
+    kind's world model is saved as <out>/world_model_<kind>_seed<seed>.pt (sample.py reads it).
     Returns {kind: (curve [(real steps, mean eval return)], decision times, wall seconds)}."""
     t0 = time.time()
     agent = Agent(cfg, spec, device, seed)
@@ -463,24 +484,27 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar):
     log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
         f"world-model loss {wl:.4f} | reward loss {rl:.4f} | {time.time() - t0:.0f} s")
     shared, out = time.time() - t0, {}
+    desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len)))
     for kind in kinds:
         t1 = time.time()
-        curve, times = online(cfg, seed, kind, agent.clone(), buffer, copy.deepcopy(rng), spec, world_kw, log, bar)
+        twin = agent.clone()
+        curve, times = online(cfg, seed, kind, twin, buffer, copy.deepcopy(rng), spec, world_kw, log, bar)
+        save_checkpoint(os.path.join(cfg.out, f"world_model_{kind}_seed{seed}.pt"), twin.checkpoint(desc))
         out[kind] = (curve, times, shared + time.time() - t1)
     return out
 
 
 def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
     """From a fitted agent: train the value by TD in imagination (start states by `kind`), then --rounds of
-    (evaluate, every --eval_every rounds) -> act with MPC in the real world -> add the data -> update; a last evaluation."""
-    eval_seed = 10_000 + seed
+    (evaluate, every --eval_every rounds) -> act with MPC in the real world -> add the data -> update; a last evaluation.
+    Acting draws from agent.g and rng; each evaluation from generators of its own, so it changes nothing."""
     steps = int((buffer["lengths"] - 1).sum())
     starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, seed)
     curve, dec_times = [], []
 
     def evaluate():
-        w = make_world(cfg.env, num=cfg.eval_episodes, seed=eval_seed, **world_kw)
-        act, times = mpc_policy(w, agent.plan_scores, spec, cfg, rng, 0.0, agent.g)
+        w = make_world(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **world_kw)
+        act, times = mpc_policy(w, agent.plan_scores, spec, cfg, make_generator(agent.device, 10_000 + seed))
         R = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
         dec_times.extend(times)
         curve.append((steps, R))
@@ -503,7 +527,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
         if r % cfg.eval_every == 0:
             evaluate()
         w = make_world(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
-        act, _ = mpc_policy(w, agent.plan_scores, spec, cfg, rng, cfg.explore, agent.g)
+        act, _ = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g, cfg.explore, rng)
         eps = play_episodes(w, act, cfg.episode_len)
         buffer = merge(buffer, eps)
         steps += int((eps["lengths"] - 1).sum())
@@ -520,8 +544,8 @@ def baselines(cfg, seed, spec, size):
     R_rand = float(episode_return(play_episodes(w, lambda o, t: w.random_action(rng), cfg.episode_len)).mean())
     w = make_world(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
     sim = make_world(cfg.env, num=cfg.eval_episodes, **kw)
-    act, times = mpc_policy(w, lambda obs, prev, cand: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg, rng, 0.0,
-                            torch.Generator().manual_seed(seed))
+    act, times = mpc_policy(w, lambda obs, prev, cand, g: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg,
+                            make_generator("cpu", seed))
     R_orc = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
     return R_rand, R_orc, float(np.mean(times))
 
@@ -573,7 +597,7 @@ def bench(cfg, spec, device, why, log):
     agent = Agent(cfg, spec, device, seed=0)
     w = make_world(cfg.env, num=1, seed=0, size=agent.size, max_steps=cfg.episode_len)
     obs, _ = w.reset()
-    act, times = mpc_policy(w, agent.plan_scores, spec, cfg, np.random.default_rng(0), 0.0, agent.g)
+    act, times = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g)
     for t in tqdm(range(cfg.bench + 1), desc="decisions", disable=None, leave=False):
         act(obs, t)                                                           # scores come back to the CPU: synced
     log(f"one MPC decision, {cfg.candidates} candidates x horizon {cfg.horizon} x {cfg.cem_iters} CEM iterations: "

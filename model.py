@@ -27,6 +27,7 @@ The DiT predicts each frame's clean pixels (loss.py explains why), as a change t
 x0_hat_i = x_{i-1} + head(tokens of frame i). The head is zero-initialised, so an untrained DiT
 predicts "nothing moves" and training only has to learn what changes.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,36 @@ def pick_device(name="auto"):
         torch.set_flush_denormal(True)   # otherwise slow CPU math; measured: the pusher tokenizer 149 -> 75 ms/iter
     cores = f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else ""
     return dev, None, f"{name}{cores}: float32" + (", no CUDA GPU found" if dev.type == "cpu" else "")
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Build modules from their own seed, leaving the global random stream as it was (nothing reseeds it mid-run)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def make_generator(device, seed):
+    """The random generator of one run, on the device whose tensors it draws: a CPU generator cannot feed a CUDA
+    draw, and a generator of its own keeps one run's stream apart from every other's (and from the global one)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+# the dense bf16 peak of the GPUs we know, in FLOP/s (vendor data sheets, without sparsity); MFU is printed only
+# for these. H100/H200 SXM 989 TFLOP/s, A100 312, L4 121, RTX 4090 165, RTX 3090 71.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(device):
+    """-> (FLOP/s, name of the table entry) for the device's dense bf16 peak, or (None, why not)."""
+    if torch.device(device).type != "cuda":
+        return None, "no peak table for CPUs: bench.py measures one"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_BF16.items():
+        if key in name:
+            return peak, f"{key} dense bf16 {peak / 1e12:.0f} TFLOP/s"
+    return None, f"no peak known for '{name}'"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,8 +278,9 @@ class VQTokenizer(nn.Module):
         S = G * 2 ** self.down
         return self.dec(q).clamp(-1, 1).view(*ids.shape[:-1], -1, S, S)
 
-    def loss(self, x, beta=0.25, decay=0.99, revive=1.0):
-        """One training step's loss on frames x (M, C, S, S); in training mode, also updates the codebook (EMA)."""
+    def loss(self, x, beta=0.25, decay=0.99, revive=1.0, generator=None):
+        """One training step's loss on frames x (M, C, S, S); in training mode, also updates the codebook (EMA),
+        reviving dead codes at encoder outputs drawn with `generator`."""
         z, flat = self._flat(x)
         ids = self.quantize(flat.detach())
         q = self.codebook[ids]
@@ -261,7 +293,7 @@ class VQTokenizer(nn.Module):
                 self.codebook[live] = self.code_sum[live] / self.usage[live, None]
                 dead = self.usage < revive                                          # on average less than once a batch: revive
                 if dead.any():                                                      # (all of them at the first step)
-                    pick = flat.detach()[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
+                    pick = flat.detach()[torch.randint(len(flat), (int(dead.sum()),), device=flat.device, generator=generator)]
                     self.codebook[dead], self.code_sum[dead], self.usage[dead] = pick, pick, 1.0
         st = flat + (q - flat).detach()                                        # straight-through
         G = z.shape[-1]
@@ -401,8 +433,29 @@ class VideoGPT(nn.Module):
 BACKBONES = {"dit": (DiT, DiTConfig), "ar": (VideoGPT, ARConfig)}
 
 
-def flops_per_token(cfg, n_ctx_tokens):
-    """Rough forward FLOPs per token (matmuls only), for the MFU estimate: 2 * params-in-blocks + attention."""
-    D = cfg.width
-    per_block = 2 * (4 * D * D + 2 * cfg.mlp_ratio * D * D + 6 * D * D) + 4 * n_ctx_tokens * D
-    return cfg.depth * per_block
+def block_flops(D, ratio, L, L_keys):
+    """Forward FLOPs (2 per multiply-add) of one transformer block's token work: L tokens, each attending over
+    L_keys keys. qkv 3D^2, output projection D^2, feed-forward 2 ratio D^2 per token; scores and weighted sum
+    2 L_keys D each. Attention is counted over every key the masked kernel computes, attended or not."""
+    return 2 * L * (4 * D * D + 2 * ratio * D * D) + 4 * L * L_keys * D
+
+
+def forward_flops(backbone, T):
+    """Forward FLOPs of a backbone on one clip of T frames, counted from its config: what runs, per token and per
+    frame (test_all checks it against torch.utils.flop_counter). Training costs 3x this (forward + backward)."""
+    c, D, L = backbone.cfg, backbone.cfg.width, T * backbone.n_tok
+    blocks = c.depth * block_flops(D, c.mlp_ratio, L, L)
+    if isinstance(backbone, DiT):
+        k = c.patch + 2 * c.margin
+        embed = 2 * L * (2 * c.channels * k * k) * D                          # the causal space-time patch convolution
+        per_frame = T * (2 * 2 * D * D + c.depth * 2 * D * 6 * D + 2 * D * 2 * D)   # t_embed, adaLN per block, out_ada
+        return embed + blocks + per_frame + 2 * L * D * c.channels * c.patch ** 2
+    return blocks + 2 * L * D * c.codes                                         # the GPT: token tables are lookups
+
+
+def tokenizer_flops(tok, n_codes):
+    """Forward FLOPs of encoding frames into n_codes codes (frames x G^2) with the VQ tokenizer: its encoder
+    convolutions and the distances to every codebook vector."""
+    cell, w = 2 ** tok.down, tok.enc[0].out_channels
+    C, E, K = tok.enc[0].in_channels, tok.codebook.shape[1], tok.codebook.shape[0]
+    return 2 * n_codes * (C * cell * cell * w + w * w + w * E + E * K)

@@ -10,15 +10,20 @@ regenerated from the data config stored there too.
 """
 import argparse
 import os
+import pickle
 
 import numpy as np
 import torch
 
-from data import DataConfig, UserError, load_corpus, run_cli, to_uint8
-from model import BACKBONES, VideoGPT, pick_device
-from adapter import WorldModel
+from data import ClipSampler, DataConfig, UserError, load_corpus, run_cli, spread_clips, to_uint8
+from model import BACKBONES, VideoGPT, make_generator, pick_device, seeded
+from adapter import WorldModel, check_actions
 
 CKPT_FORMAT = "nanoworld-1"
+# what numpy random states in pre-2026-11-26 checkpoints are made of: arrays, rebuilt without running stored code
+# (numpy 2 renamed numpy.core to numpy._core; the same function either way)
+NUMPY_ARRAYS = [(np.ndarray.__reduce__(np.zeros(1))[0], f"numpy.{m}core.multiarray._reconstruct") for m in ("", "_")] + \
+    [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype"), (type(np.dtype(np.uint32)), "numpy.dtypes.UInt32DType")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ def sample_codes(model, z, actions, n_new, temperature=1.0, top_k=0, generator=N
     gpt = model.backbone
     W, N = gpt.cfg.clip_len, gpt.n_tok
     k = z.shape[1]
-    cache, start = None, -1
+    cache, start, finite_logits = None, -1, torch.ones((), dtype=torch.bool, device=z.device)
     for f in range(k, k + n_new):
         lo = max(0, f + 1 - W)
         if lo != start or not use_cache:
@@ -76,10 +81,33 @@ def sample_codes(model, z, actions, n_new, temperature=1.0, top_k=0, generator=N
         base = (f - lo) * N                                                  # the slot where frame f starts
         for p in range(N):
             logits = model(win, cache=cache, stop=base + p + 1, actions=acts)[:, -1]   # (B, K) for slot (f, p)
-            win[:, f - lo, p] = pick_code(logits, temperature, top_k, generator)
+            finite_logits &= torch.isfinite(logits).all()                   # read once at the end: no sync per code
+            win[:, f - lo, p] = pick_code(logits.nan_to_num(0.0), temperature, top_k, generator)
         if on_frame is not None:
             on_frame(f)
+    if not finite_logits:
+        raise UserError("the model generated NaN or inf logits: its weights are not finite (a diverged checkpoint?)")
     return z
+
+
+def check_rollout(model, context, actions, generator):
+    """Raise a UserError that names the problem unless context, actions and generator fit the model."""
+    cfg = model.backbone.cfg
+    want = (cfg.channels, cfg.size, cfg.size)
+    if context.dim() != 5 or tuple(context.shape[2:]) != want:
+        raise UserError(f"the context must be frames (batch, k, {', '.join(map(str, want))}) in [-1, 1]; got {tuple(context.shape)}")
+    if not torch.isfinite(context).all():
+        raise UserError("the context frames hold NaN or inf: pass finite frames in [-1, 1]")
+    if actions.shape[0] != context.shape[0]:
+        raise UserError(f"{context.shape[0]} contexts need {context.shape[0]} action sequences; got {actions.shape[0]}")
+    k, H = context.shape[1], actions.shape[1] - context.shape[1]
+    if H < 1:
+        raise UserError(f"actions must cover the context ({k} frames) and at least one new frame; got {actions.shape[1]}")
+    if model.spec is not None:
+        check_actions(actions, model.spec, actions.shape[1], values=True)
+    if generator is not None and generator.device.type != context.device.type:
+        raise UserError(f"the generator is on {generator.device} but the model on {context.device}: "
+                        f"make it with model.make_generator(device, seed)")
 
 
 @torch.no_grad()
@@ -88,19 +116,22 @@ def rollout(model, context, actions, steps=4, chunk=1, temperature=1.0, top_k=0,
     """Roll the world forward from context frames under a sequence of actions: the world model as a batched env.
 
     context (B, k, C, S, S) in [-1, 1]; actions (B, k + H, ...) where actions[:, i] leads into frame i
-    (those of the context frames included). Returns the H new frames, (B, H, C, S, S).
+    (those of the context frames included). Returns the H new frames, (B, H, C, S, S), on the model's device.
     DiT: frames are denoised `chunk` at a time (1 = frame by frame) with `steps` Euler steps, each chunk
     seeing at most clip_len - chunk earlier frames. GPT: the context is tokenized, frames are sampled
-    code by code (temperature, top_k, KV cache: sample_codes) and decoded."""
+    code by code (temperature, top_k, KV cache: sample_codes) and decoded. The noise comes from `generator`
+    (on the model's device; None: a fresh one seeded 0, so a call is reproducible). Bad inputs raise a UserError
+    that names them; NaN frames never come back."""
+    device = next(model.parameters()).device
+    context, actions = context.to(device), actions.to(device)
+    check_rollout(model, context, actions, generator)
+    generator = generator if generator is not None else make_generator(device, 0)
     window = model.backbone.cfg.clip_len
     k, H = context.shape[1], actions.shape[1] - context.shape[1]
-    if H < 1:
-        raise UserError(f"actions must cover the context ({k} frames) and at least one new frame; got {actions.shape[1]}")
-    actions = actions.to(context.device)
     if isinstance(model.backbone, VideoGPT):
         tok = model.backbone.tokenizer
         z = sample_codes(model, tok.encode(context), actions, H, temperature, top_k, generator, use_cache, on_frame)
-        return tok.decode(z[:, k:])
+        return finite(tok.decode(z[:, k:]))
     if not 1 <= chunk < window:
         raise UserError(f"chunk must be in 1..{window - 1} for a model with clip_len {window}")
     frames = context
@@ -112,7 +143,13 @@ def rollout(model, context, actions, steps=4, chunk=1, temperature=1.0, top_k=0,
         frames = torch.cat([frames, new], 1)
         if on_frame is not None:
             on_frame(frames.shape[1] - 1)
-    return frames[:, k:]
+    return finite(frames[:, k:])
+
+
+def finite(frames):
+    if not torch.isfinite(frames).all():
+        raise UserError("the model generated NaN or inf frames: its weights are not finite (a diverged checkpoint?)")
+    return frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,14 +162,27 @@ def build_model(ck):
 
 
 def read_checkpoint(path):
-    """Load a checkpoint dict on the CPU, or raise a UserError that says what is wrong with it."""
+    """Load a checkpoint dict on the CPU without pickle (weights_only: tensors, numbers, strings, lists, dicts), or
+    raise a UserError that says what is wrong with it. Checkpoints of nanoworld releases before 2026-11-26 also hold
+    numpy random states; those load through numpy's array reconstructors alone (no code runs), minus that state."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at '{path}': train one with `python train.py` or fix --ckpt")
+        raise UserError(f"no checkpoint at '{path}': train one with `python train.py` or fix the path")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            needs = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            if not needs or not set(needs) <= {name for _, name in NUMPY_ARRAYS}:
+                raise
+            with torch.serialization.safe_globals(NUMPY_ARRAYS):
+                ck = torch.load(path, map_location="cpu", weights_only=True)
+            ck.pop("rng", None)
+    except pickle.UnpicklingError:
+        raise UserError(f"'{path}' needs pickle to load, which could run code stored in it: nanoworld loads only "
+                        f"plain tensors and containers; re-save its weights as a plain state dict") from None
     except Exception as e:
         raise UserError(f"'{path}' is not a readable checkpoint ({type(e).__name__}); it may be truncated or "
-                        f"corrupted: point --ckpt at another file or retrain") from None
+                        f"corrupted: point to another file or retrain") from None
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise UserError(f"'{path}' is not a nanoworld checkpoint (format {CKPT_FORMAT})")
     if ck["backbone"] not in BACKBONES:
@@ -175,13 +225,11 @@ def save_gif(path, columns, labels, scale=4, ms=200):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms, loop=0)
 
 
-def heldout_clips(ck, n, length, seed=0):
-    """n held-out clips of `length` frames from the checkpoint's own action-labelled corpus."""
-    from data import ClipSampler
+def heldout_clips(ck, n, length):
+    """n held-out clips of `length` frames from the checkpoint's own action-labelled corpus, spread over its episodes."""
     data = load_corpus(DataConfig(**ck["data"]), labelled=True, progress=False)
-    sampler = ClipSampler(data.test, length, seed)
-    e = np.arange(len(sampler.ok))[:n] % len(sampler.ok)
-    return sampler.clips(sampler.ok[e], np.ones(len(e), np.int64))
+    e, s = spread_clips(data.test["lengths"], length, n)
+    return ClipSampler(data.test, length).clips(e, s)
 
 
 def parse_actions(text, spec, horizon):
@@ -216,7 +264,7 @@ def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=
     x, a = clips["frames"].to(device), clips["actions"].to(device)
     mine = a.roll(1, 0)[:, k:] if actions is None else actions.to(device).expand((len(a),) + actions.shape)
     other = torch.cat([a[:, :k], mine], 1)
-    g = lambda: torch.Generator(device).manual_seed(seed)
+    g = lambda: make_generator(device, seed)
     pred = rollout(model, x[:, :k], a, generator=g(), **sampling)
     pred_other = rollout(model, x[:, :k], other, generator=g(), **sampling)
     ctx = to_uint8(x[:, :k])
@@ -229,9 +277,9 @@ def bench_cache(frames=16, batch=2, device="cpu"):
     (1 context frame + frames), with and without the KV cache. Untrained weights: the cost does not depend on them."""
     import time
     from model import ARConfig
-    torch.manual_seed(0)
-    gpt = BACKBONES["ar"][0](ARConfig(clip_len=frames + 1))
-    model = WorldModel(gpt, "film", dict(discrete=True, n_actions=5, action_dim=0)).to(device).eval()
+    with seeded(0):
+        gpt = BACKBONES["ar"][0](ARConfig(clip_len=frames + 1))
+        model = WorldModel(gpt, "film", dict(discrete=True, n_actions=5, action_dim=0)).to(device).eval()
     ctx = torch.rand(batch, 1, 3, gpt.cfg.size, gpt.cfg.size, device=device) * 2 - 1
     acts = torch.randint(0, 5, (batch, frames + 1), device=device)
     rows = {}

@@ -1,12 +1,18 @@
 """test_all.py — the test suite: `python -m pytest -q test_all.py` (CPU, a few minutes)."""
+import copy
 import json
+import re
 import os
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data import DataConfig, UserError, WORLDS, generate_episodes, locate_agent, make_world
 from model import ARConfig, DiT, DiTConfig, VideoGPT
@@ -133,6 +139,20 @@ def test_episodes_have_the_documented_layout():
     assert np.abs(ep["actions"]).max() <= 1
 
 
+def test_evaluation_clips_are_spread_over_every_held_out_episode():
+    """154 held-out episodes, 3 windows each, 96 clips: 96 different episodes from the first to the last, every window
+    used; more clips than episodes: every episode, several windows each."""
+    from data import spread_clips
+    lengths = np.full(154, 33)
+    e, s = spread_clips(lengths, 9, 96)
+    assert len(set(e.tolist())) == 96 and e.min() == 0 and e.max() >= 150
+    assert set(s.tolist()) == {1, 10, 19} and len(set(zip(e.tolist(), s.tolist()))) == 96
+    e, s = spread_clips(lengths, 9, 300)
+    assert set(e.tolist()) == set(range(154)) and len(set(zip(e.tolist(), s.tolist()))) == 300
+    e, _ = spread_clips(np.array([33, 5, 33]), 9, 10)                   # an episode too short for a clip is skipped
+    assert set(e.tolist()) == {0, 2} and len(e) == 6                    # and the clips are capped at the 6 windows
+
+
 # ----------------------------------------------------------------------------------------------
 # the backbone and the adapter
 
@@ -248,10 +268,54 @@ def test_wrong_action_shapes_are_user_errors():
     with pytest.raises(UserError, match="discrete actions of shape"):
         m(x, tau, actions=torch.zeros(2, 3, 2))
     with pytest.raises(UserError, match=r"\[0, 5\)"):
-        m(x, tau, actions=torch.full((2, 3), 9))
+        rollout(m, x[:, :1], torch.full((2, 3), 9))                        # values are checked once per rollout
     mp = WorldModel(VideoGPT(SMALL_AR), "film", SPECS["pusher"])
     with pytest.raises(UserError, match="continuous actions of shape"):
         mp(*backbone_input("ar"), actions=torch.zeros(2, 3, 5))
+
+
+@pytest.mark.parametrize("adapter", ["film", "input"])
+def test_deepcopy_is_an_independent_model_and_stale_actions_fail_loudly(adapter):
+    """An EMA copy made with copy.deepcopy applies its own actions through its own weights; a backbone called on its
+    own after a WorldModel forward raises instead of reusing that forward's actions."""
+    m = WorldModel(trained_backbone("dit"), adapter, SPECS["coin"]).eval()
+    for prm in m.adapter.parameters():
+        torch.nn.init.normal_(prm, std=0.1)
+    twin = copy.deepcopy(m)
+    args, a, b = backbone_input("dit"), torch.zeros(2, 3, dtype=torch.long), torch.full((2, 3), 4)
+    with torch.no_grad():
+        ya, yb = m(*args, actions=a), m(*args, actions=b)
+        assert torch.equal(twin(*args, actions=b), yb) and not torch.allclose(ya, yb)
+        for prm in twin.adapter.parameters():
+            prm.add_(0.5)
+        assert not torch.allclose(twin(*args, actions=b), yb)          # the copy reads its own adapter...
+        assert torch.equal(m(*args, actions=b), yb)                    # ...and the original is untouched
+        with pytest.raises(RuntimeError, match="call its WorldModel"):
+            m.backbone(*args)
+
+
+@pytest.mark.parametrize("kind", BACKBONE_KINDS)
+def test_rollout_rejects_bad_inputs_by_name(kind):
+    """NaN context frames, NaN or mis-sized actions, wrong shapes: a UserError that names the problem; a model whose
+    weights are not finite: an error, never NaN frames."""
+    m = WorldModel(new_backbone(kind), "film", SPECS["pusher"]).eval()
+    ctx, good = torch.zeros(2, 1, 3, 16, 16), torch.zeros(2, 4, 2)
+    nan = float("nan")
+    for bad_ctx, acts, match in [(torch.full_like(ctx, nan), good, "context frames hold NaN"),
+                                 (ctx, torch.full_like(good, nan), "actions hold NaN"),
+                                 (ctx, torch.zeros(2, 4, 3), "continuous actions of shape"),
+                                 (ctx, torch.zeros(2, 4, 2, dtype=torch.long), "floats"),
+                                 (ctx, good[:, :1], "at least one new frame"),
+                                 (torch.zeros(2, 1, 3, 32, 32), good, "context must be frames"),
+                                 (ctx, good[:1], "action sequences")]:
+        with pytest.raises(UserError, match=match):
+            rollout(m, bad_ctx, acts)
+    assert torch.isfinite(rollout(m, ctx, good)).all()
+    with torch.no_grad():
+        for prm in m.backbone.parameters():
+            prm.fill_(nan)
+    with pytest.raises(UserError, match="not finite"):
+        rollout(m, ctx, good, temperature=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +340,9 @@ def test_sampler_recovers_a_known_answer():
     a, b = torch.full((3, 16, 16), 0.5), torch.full((3, 16, 16), -0.5)
 
     class Oracle(torch.nn.Module):
-        backbone = DiT(DiTConfig(size=16, patch=4, clip_len=3, width=8, depth=1, heads=1))
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.spec = DiT(DiTConfig(size=16, patch=4, clip_len=3, width=8, depth=1, heads=1)), None
 
         def forward(self, x, tau, actions=None):
             t = tau[:, :, None, None, None].clamp(min=1e-4)
@@ -301,10 +367,81 @@ def test_overfits_one_batch():
     x, a = torch.rand(4, 3, 3, 16, 16) * 2 - 1, actions_for(SPECS["coin"], 4, 3)
     losses = []
     for _ in range(150):
-        loss = flow_matching_loss(m, x, a, generator=torch.Generator().manual_seed(0))   # same noise every step
+        loss = flow_matching_loss(m, x, a, motion_c=1.0, generator=torch.Generator().manual_seed(0))   # same noise every step
         opt.zero_grad(); loss.backward(); opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_psnr_and_ssim_on_known_answers():
+    from train import psnr, ssim
+    x = torch.rand(3, 2, 3, 16, 16) * 2 - 1
+    assert torch.allclose(psnr(x, x), torch.full((3,), 20 * np.log10(510.0)))     # error floored at half a grey level
+    assert torch.allclose(ssim(x, x), torch.ones(3))
+    shifted = (x.clamp(-0.8, 0.8) + 0.2)                               # +0.1 on the [0, 1] scale: MSE 0.01 -> 20 dB
+    assert torch.allclose(psnr(shifted, x.clamp(-0.8, 0.8)), torch.full((3,), 20.0), atol=1e-4)
+    a, b = (torch.full((1, 1, 3, 16, 16), v, dtype=torch.float64) for v in (0.2, -0.4))   # 0.6 and 0.3 on [0, 1]
+    c1 = 0.01 ** 2                                                      # constant images: the luminance term alone
+    assert ssim(a, b).item() == pytest.approx((2 * 0.6 * 0.3 + c1) / (0.6 ** 2 + 0.3 ** 2 + c1), rel=1e-9)
+    y = x.clone(); y[:, :, :, :8] = -y[:, :, :, :8]                   # a structural change scores lower
+    assert (ssim(y, x) < 0.9).all()
+
+
+@pytest.mark.parametrize("kind", BACKBONE_KINDS)
+def test_flop_formula_counts_what_runs(kind):
+    """forward_flops (the MFU numerator) matches torch's own FLOP counter on a clip, attention included."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from model import forward_flops, tokenizer_flops
+    bb = new_backbone(kind)
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        bb(*backbone_input(kind, B=1))
+    assert forward_flops(bb, 3) == pytest.approx(fc.get_total_flops(), rel=1e-6)
+    if kind == "ar":
+        with FlopCounterMode(display=False) as fc:
+            bb.tokenizer.encode(torch.zeros(3, 3, 16, 16))
+        assert tokenizer_flops(bb.tokenizer, 3 * bb.n_tok) == pytest.approx(fc.get_total_flops(), rel=1e-6)
+
+
+def loss_and_grads(model, fwd, kind, x, a, bf16=False):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = LOSSES[kind](fwd, x, a, 0.0, cell=model.backbone.cell, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("kind", BACKBONE_KINDS)
+def test_compiled_and_bf16_training_steps_match_eager_fp32(kind):
+    """The GPU path, exercised on the CPU: the training loss and gradient through torch.compile (inductor) and under
+    bf16 autocast, adapter attached, against eager fp32. Compile: the same math in fused kernels, so the loss within
+    1e-4 and the gradient within 1e-3 (relative). bf16 keeps 8 mantissa bits: loss within 2%, gradient cosine > 0.99."""
+    torch._dynamo.reset()
+    m = WorldModel(trained_backbone(kind), "film", SPECS["coin"])
+    for g in m.adapter.g:
+        torch.nn.init.normal_(g[-1].weight, std=0.1)
+    x, a = torch.rand(4, 3, 3, 16, 16) * 2 - 1, actions_for(SPECS["coin"], 4, 3)
+    loss, grad = loss_and_grads(m, m, kind, x, a)
+    c_loss, c_grad = loss_and_grads(m, torch.compile(m, dynamic=False), kind, x, a)
+    assert c_loss == pytest.approx(loss, rel=1e-4) and (c_grad - grad).norm() < 1e-3 * grad.norm()
+    b_loss, b_grad = loss_and_grads(m, m, kind, x, a, bf16=True)
+    assert b_loss == pytest.approx(loss, rel=2e-2) and F.cosine_similarity(b_grad, grad, 0) > 0.99
+
+
+def test_compiled_and_bf16_rollouts_match_eager_fp32():
+    """A DiT rollout (4 frames, 2 Euler steps) through a compiled model, and under bf16 autocast, against eager fp32:
+    within 1e-4 and 3e-2 (mean absolute error, frames in [-1, 1])."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = WorldModel(DiT(replace(SMALL, clip_len=2)), "film", SPECS["pusher"]).eval()   # one window shape: one graph
+    for layer in [m.backbone.out, m.backbone.out_ada] + [g[-1] for g in m.adapter.g]:
+        torch.nn.init.normal_(layer.weight, std=0.05)
+    ctx, acts = torch.rand(2, 1, 3, 16, 16) * 2 - 1, actions_for(SPECS["pusher"], 2, 5)
+    go = lambda model: rollout(model, ctx, acts, steps=2, generator=torch.Generator().manual_seed(0))
+    ref = go(m)
+    assert (go(torch.compile(m, dynamic=False)) - ref).abs().mean() < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (go(m).float() - ref).abs().mean() < 3e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +467,24 @@ def test_train_writes_checkpoints_metrics_and_gif(tiny_run):
         assert (out / f).exists()
     ck = read_checkpoint(str(out / "ckpt.pt"))
     assert ck["adapter"] == "film" and ck["step"] == 3 and ck["config"]["env"] == "coin"
-    assert {"model", "ema", "optimizer", "rng", "sampler"} <= set(ck)
+    assert {"model", "ema", "optimizer", "generator", "sampler"} <= set(ck)
+
+
+def test_checkpoints_load_without_pickle(tiny_run, tmp_path):
+    """Every checkpoint loads with torch.load(weights_only=True); one written before that (numpy random states inside)
+    still loads; one that needs pickle is refused with a one-line error; no load in the project allows pickle."""
+    for f in ("pretrain.pt", "ckpt.pt"):
+        torch.load(tiny_run / "out" / f, map_location="cpu", weights_only=True)
+    ck = torch.load(tiny_run / "out" / "ckpt.pt", weights_only=True)
+    old = dict(ck, rng=dict(numpy=np.random.RandomState(0).get_state(), torch=torch.get_rng_state()))
+    torch.save(old, tmp_path / "old.pt")
+    assert set(read_checkpoint(str(tmp_path / "old.pt"))["model"]) == set(ck["model"])
+    torch.save(dict(ck, extra=Exception("code")), tmp_path / "pickled.pt")
+    with pytest.raises(UserError, match="needs pickle"):
+        read_checkpoint(str(tmp_path / "pickled.pt"))
+    for f in os.listdir(HERE):
+        if f.endswith(".py") and f != "test_all.py":
+            assert "weights_only=False" not in open(os.path.join(HERE, f)).read().replace(" ", ""), f
 
 
 def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_path):
@@ -348,10 +502,32 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "3", *common).returncode == 0
     r = run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "6", "--resume", *common)
     assert r.returncode == 0 and "resumed scratch" in r.stdout, r.stderr[-2000:]
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert b["step"] == 6 and b["model_args"]["margin"] == 0               # an explicit 0 is not "unset"
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) mid-stage: the step in progress finishes, ckpt.pt holds that step, the exit is non-zero with
+    no traceback and says how to resume; --resume continues from that step."""
+    args = ["train.py", "--stage", "scratch", "--max_iters", "100000", "--out", str(tmp_path / "o"), "--data_dir",
+            str(tmp_path / "data"), "--ckpt_seconds", "1000", *TINY_FLAGS]
+    p = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "o" / "train.log"
+    for _ in range(600):
+        if log.exists() and "scratch step" in log.read_text():
+            break
+        time.sleep(0.1)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig and "Traceback" not in err and "--resume" in err, err[-2000:]
+    step = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 2 and f"at step {step}/" in err
+    r = run(*args[:4], str(step + 2), *args[5:], "--resume")
+    assert r.returncode == 0 and f"resumed scratch from {tmp_path / 'o' / 'ckpt.pt'} at step {step}/" in r.stdout, r.stderr[-2000:]
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == step + 2
 
 
 def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_path):
@@ -366,7 +542,7 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     bad("sample.py", "--ckpt", str(junk), "--out", str(tmp_path / "y.gif"), match="not a readable checkpoint")
     bad("sample.py", "--ckpt", str(tmp_path / "none.pt"), match="no checkpoint")
     bad("sample.py", "--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--actions", "1,0;0,1", match="does not fit")
-    other = dict(torch.load(tiny_run / "out" / "ckpt.pt", weights_only=False), backbone="ar")
+    other = dict(torch.load(tiny_run / "out" / "ckpt.pt", weights_only=True), backbone="ar")
     torch.save(other, tmp_path / "other.pt")
     bad("train.py", "--stage", "finetune", "--init_from", str(tmp_path / "other.pt"), "--out", str(tmp_path / "z"),
         match="backbone")
@@ -375,6 +551,14 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     before = ck.read_bytes()
     bad("train.py", "--out", str(tiny_run / "out"), "--max_iters", "2", *TINY_FLAGS, match="--resume")
     assert ck.read_bytes() == before
+
+
+def test_readme_stands_alone():
+    """A user's clone has only the repository: the README may not send readers to files outside it."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    assert "../shared" not in text and "acceptance/" not in text
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        assert link.startswith("http") or os.path.exists(os.path.join(HERE, link)), link
 
 
 def test_help_lists_the_flags():
@@ -419,7 +603,7 @@ def test_planner_in_the_true_simulator_beats_random_actions(name):
     w = make_world(name, num=6, size=16, max_steps=16, seed=5)
     sim = make_world(name, num=6, size=16)
     spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
-    act, times = mpc_policy(w, lambda o, p, c: true_scores_of(w, sim, c, cfg.gamma), spec, cfg, rng, 0.0,
+    act, times = mpc_policy(w, lambda o, p, c, g: true_scores_of(w, sim, c, cfg.gamma), spec, cfg,
                             torch.Generator().manual_seed(0))
     R_plan = play_episodes(w, act, 16)["rewards"].sum(1).mean()
     assert len(times) == 16
@@ -505,8 +689,7 @@ def test_agent_clone_is_independent():
     twin = agent.clone()
     s, prev, cand = to_float(buf["frames"][:, 3]), torch.from_numpy(buf["actions"][:, 2]), torch.rand(4, 3, 2, 2) * 2 - 1
     def score(a):
-        a.g.manual_seed(1)
-        return a.score(s, prev, cand)
+        return a.score(s, prev, cand, torch.Generator().manual_seed(1))
     before = score(agent)
     assert torch.allclose(before, score(twin), atol=1e-5)
     twin.fit(buf, 2, 5)
@@ -521,11 +704,12 @@ def test_value_iters_0_plans_on_rewards_alone():
     s, prev, cand = to_float(w.reset()[0]), torch.zeros(2, 2), torch.rand(2, 3, 2, 2) * 2 - 1
     for iters in (0, 150):
         agent = Agent(MBRLConfig(env="pusher", width=32, depth=1, value_iters=iters), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
-        before = agent.score(s, prev, cand)
+        g = lambda: torch.Generator().manual_seed(0)
+        before = agent.score(s, prev, cand, g())
         with torch.no_grad():
             agent.value.mlp[-1].bias += 5.0                                     # shift every value by 5
-        shift = agent.score(s, prev, cand) - before
-        ret, tail, _ = agent.imagine(s, prev, cand)
+        shift = agent.score(s, prev, cand, g()) - before
+        ret, tail, _ = agent.imagine(s, prev, cand, g())
         expect = torch.zeros_like(shift) if iters == 0 else 5.0 * tail
         assert torch.allclose(shift, expect, atol=1e-4)
 
@@ -567,3 +751,79 @@ def test_mbrl_runs_end_to_end(tmp_path):
     assert (tmp_path / "m" / "curves.png").stat().st_size > 1000
     bad = run("mbrl.py", "--env", "nowhere", "--out", str(tmp_path / "n"))
     assert bad.returncode != 0 and "unknown world" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def tiny_mbrl(env="pusher", **kw):
+    """A small agent's config, spec and a buffer of random-action episodes."""
+    from mbrl import MBRLConfig
+    from data import play_episodes
+    cfg = MBRLConfig(env=env, width=32, depth=1, batch_size=8, rounds=2, episodes=2, update_iters=2, value_iters=2,
+                     eval_episodes=2, candidates=8, elites=2, episode_len=6, **kw)
+    w, rng = make_world(env, num=4, size=16, seed=0), np.random.default_rng(0)
+    spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
+    return cfg, spec, play_episodes(w, lambda o, t: w.random_action(rng), 6)
+
+
+def test_mbrl_seeds_are_independent_and_evaluation_changes_nothing():
+    """Building, cloning and training agents never touches the global random stream; two seeds start apart; and how
+    often the loop evaluates does not change the weights it ends with."""
+    from mbrl import Agent, online
+    cfg, spec, buf = tiny_mbrl()
+    before = torch.get_rng_state()
+    a0, a1 = Agent(cfg, spec, "cpu", 0), Agent(cfg, spec, "cpu", 1)
+    a0.fit(buf, 2, 1)
+    twin = a0.clone()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.equal(a0.g.get_state(), a1.g.get_state())
+    assert not torch.equal(a0.value.mlp[0].weight, a1.value.mlp[0].weight)
+    bar, log = type("Bar", (), {"update": lambda self, n: None})(), lambda msg: None
+    ends = []
+    for every, agent in ((1, a0), (10, twin)):
+        online(replace(cfg, eval_every=every), 0, "prioritized", agent, buf, np.random.default_rng(3), spec,
+               dict(size=16, max_steps=6), log, bar)
+        ends.append(agent.wm.state_dict() | {"v." + k: v for k, v in agent.value.state_dict().items()})
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_value_priority_is_the_td_error_of_the_drawn_state():
+    """V is updated at the state the random walk reaches, but the priority written back for replay state j is |TD|
+    at j itself; importance weights are normalised by the largest weight over every state, not over the batch."""
+    from mbrl import Agent, Priorities, replay_states
+    cfg, spec, buf = tiny_mbrl(imagine_horizon=3)
+    agent = Agent(cfg, spec, "cpu", 0)
+    states, prev = replay_states(buf)
+    agent.walk = lambda s, p: (s + 0.5, p)                               # the walk reaches other frames
+    seen = []
+    agent.td_error = lambda s, p: seen.append(s) or (s.mean((1, 2, 3)) + 2 + 0 * agent.value(s))
+    starts = Priorities(0.6, 0.4, 0, eps=0.0)
+    starts.grow(len(states))
+    agent.value_update(starts, states, prev)
+    drawn = np.flatnonzero(starts.p != 1.0)
+    assert len(drawn) > 0 and len(seen) == 2
+    assert np.allclose(starts.p[drawn], states[drawn].mean((1, 2, 3)).numpy() + 2, atol=1e-5)
+    pr = Priorities(alpha=1.0, beta=0.5, seed=0, eps=0.0)
+    pr.grow(4); pr.update(np.arange(4), np.array([1.0, 1.0, 1.0, 7.0]))
+    draws = [pr.sample(1) for _ in range(200)]
+    w3 = {float(w[0]) for i, w in draws if i[0] == 3}
+    assert w3 and np.allclose(list(w3), (0.7 / 0.1) ** -0.5)             # below 1 even when drawn alone
+
+
+@pytest.mark.parametrize("env", ["coin", "pusher"])
+def test_planning_and_training_create_tensors_on_the_agent_device(env):
+    """Run the agent with the default device set to 'meta': a tensor made without an explicit device lands there and
+    breaks the computation, as a CPU tensor breaks a CUDA run. The planner, the value update and a fit must not mind."""
+    from mbrl import Agent, Priorities, mpc_policy, replay_states
+    cfg, spec, buf = tiny_mbrl(env)
+    agent = Agent(cfg, spec, "cpu", 0)
+    states, prev = replay_states(buf)
+    starts = Priorities(0.6, 0.4, 0)
+    starts.grow(len(states))
+    w = make_world(env, num=2, size=16, seed=0)
+    obs, _ = w.reset()
+    with torch.device("meta"):
+        act, _ = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g)
+        a = act(obs, 0)
+        assert np.isfinite(agent.value_update(starts, states, prev))
+        assert np.isfinite(agent.fit(buf, 1, 1)[0])
+    assert a.shape[0] == 2 and agent.g.device == agent.device

@@ -5,7 +5,8 @@ fine-tune on action-labelled clips, evaluate, save.
     python train.py --backbone ar                   # the same with the VQ tokenizer + video GPT
     python train.py --env pusher --adapter input    # another world, the input-level baseline
     python train.py --stage scratch                 # no pre-training: adapter from the start
-    python train.py --resume --out out              # continue a stopped run
+    python train.py --resume --out out              # continue a stopped run (Ctrl-C saves first)
+    torchrun --nproc_per_node=2 train.py            # the same recipe over 2 processes (DDP)
 
 Stages and the files they write in --out:
     tokenizer  (--backbone ar) the per-frame VQ tokenizer on action-free frames -> tokenizer.pt
@@ -16,10 +17,13 @@ Stages and the files they write in --out:
     all        pretrain, then finetune (the default)
 """
 import argparse
+import copy
 import json
 import math
 import os
-import random
+import shlex
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -27,10 +31,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import ClipSampler, DataConfig, UserError, locate_agent, load_corpus, make_world, run_cli, to_uint8, WORLDS
-from model import ARConfig, BACKBONES, VideoGPT, flops_per_token, make_tokenizer, pick_device
+from data import (ClipSampler, DataConfig, Stopped, UserError, locate_agent, load_corpus, make_world, run_cli,
+                  spread_clips, to_uint8, WORLDS)
+from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
+                   pick_device, seeded, tokenizer_flops)
 from adapter import ADAPTERS
-from loss import LOSSES
+from loss import LOSSES, NOISE
 from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, rollout
 
 
@@ -153,8 +159,8 @@ def ssim(pred, true, win=7, sigma=1.5):
     """Mean SSIM per clip with a Gaussian window, on images in [0, 1]: (B, T, C, S, S) -> (B,)."""
     B, T, C, S, _ = pred.shape
     x, y = ((pred + 1) / 2).reshape(-1, C, S, S), ((true + 1) / 2).reshape(-1, C, S, S)
-    g = torch.exp(-(torch.arange(win) - win // 2).float() ** 2 / (2 * sigma ** 2))
-    k = (g[:, None] * g[None, :] / g.sum() ** 2).to(x)[None, None].repeat(C, 1, 1, 1)
+    g = torch.exp(-(torch.arange(win, dtype=x.dtype, device=x.device) - win // 2) ** 2 / (2 * sigma ** 2))
+    k = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None].repeat(C, 1, 1, 1)
     f = lambda z: torch.nn.functional.conv2d(z, k, groups=C)
     mx, my = f(x), f(y)
     vx, vy, cxy = f(x * x) - mx ** 2, f(y * y) - my ** 2, f(x * y) - mx * my
@@ -173,30 +179,20 @@ def position_error(pred, true, agent_size):
     return float(err), float(1 - fp[ft].mean()) if ft.any() else float("nan")
 
 
-def heldout_eval_clips(split, length, n):
-    """Deterministic held-out clips: consecutive non-overlapping windows of each held-out episode."""
-    e, s = [], []
-    for i, L in enumerate(split["lengths"]):
-        for start in range(1, L - length + 1, length):
-            e.append(i); s.append(start)
-    order = np.argsort(np.arange(len(e)) % max(1, len(split["lengths"])), kind="stable")[:n]   # spread over episodes
-    return np.array(e)[order], np.array(s)[order]
-
-
 @torch.no_grad()
 def evaluate(model, cfg, data, device):
-    """Roll out `horizon` frames from held-out contexts; compare with the truth under recorded and shuffled actions."""
+    """Roll out `horizon` frames from held-out contexts spread over every held-out episode; compare with the truth
+    under the recorded and under shuffled actions. Draws only from generators of its own: evaluating changes nothing."""
     model.eval()
     k = model.backbone.cfg.clip_len - 1
-    sampler = ClipSampler(data.test, k + cfg.horizon)
-    e, s = heldout_eval_clips(data.test, k + cfg.horizon, cfg.eval_clips)
-    clips = sampler.clips(e, s)
+    e, s = spread_clips(data.test["lengths"], k + cfg.horizon, cfg.eval_clips)
+    clips = ClipSampler(data.test, k + cfg.horizon).clips(e, s)
     x, a = clips["frames"].to(device), clips["actions"].to(device)
     true = x[:, k:]
-    shuffled = torch.cat([a[:, :k], a[torch.randperm(len(a), generator=torch.Generator().manual_seed(0)), k:]], 1)
+    perm = torch.randperm(len(a), generator=make_generator("cpu", 0)).to(device)
     runs = {}
-    for name, acts in (("", a), ("_shuffled", shuffled)):
-        g = torch.Generator(device).manual_seed(cfg.seed)                   # same noise for both: only actions differ
+    for name, acts in (("", a), ("_shuffled", torch.cat([a[:, :k], a[perm, k:]], 1))):
+        g = make_generator(device, cfg.seed)                                 # same noise for both: only actions differ
         runs[name] = rollout(model, x[:, :k], acts, generator=g, **sampling(cfg))
     runs["_copy_last"] = x[:, k - 1:k].expand_as(true)
     m = {}
@@ -208,7 +204,7 @@ def evaluate(model, cfg, data, device):
     if isinstance(model.backbone, VideoGPT):
         tok = model.backbone.tokenizer
         m["tokenizer_psnr"] = psnr(tok.decode(tok.encode(true)), true).mean().item()
-    m.update(horizon=cfg.horizon, clips=len(x), context=k, **sampling(cfg))
+    m.update(horizon=cfg.horizon, clips=len(x), episodes=len(set(e.tolist())), context=k, **sampling(cfg))
     return m
 
 
@@ -219,39 +215,107 @@ def sampling(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints
+# processes, checkpoints, signals
+
+class Dist:
+    """This process's place in a `torchrun` job (DDP: nccl on CUDA, gloo on the CPU); a plain run is a job of one.
+    Every process draws the same global batch and the same noise and trains on its own rows of them, so the
+    averaged gradient is the one a single process would compute on the whole batch."""
+
+    def __init__(self, device_name, alone=False):
+        env = {} if alone else os.environ
+        self.world, self.rank = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0))
+        self.main = self.rank == 0
+        if self.world > 1 and device_name in ("auto", "cuda") and torch.cuda.is_available():
+            device_name = f"cuda:{os.environ['LOCAL_RANK']}"
+        self.device_name = device_name
+
+    def start(self, device):
+        if self.world > 1:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.device = device
+        return self
+
+    def part(self, batch):
+        """This process's rows of a global batch of `batch` clips."""
+        if batch % self.world:
+            raise UserError(f"--batch_size {batch} does not split over {self.world} processes: pass a multiple of {self.world}")
+        b = batch // self.world
+        return slice(self.rank * b, (self.rank + 1) * b)
+
+    def wrap(self, model):
+        if self.world == 1:
+            return model
+        ids = [self.device] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def mean(self, x):
+        """The mean of a number over the processes."""
+        if self.world == 1:
+            return float(x)
+        t = torch.tensor(float(x), device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.item() / self.world
+
+    def any(self, flag):
+        """True in every process if it is true in any (one process: no communication, no GPU sync)."""
+        return bool(flag) if self.world == 1 else self.mean(bool(flag)) > 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
 
 def save_checkpoint(path, obj):
-    """Write to a temporary file, then rename into place: a crash mid-write never spoils the previous checkpoint."""
+    """Write to a temporary file, then rename into place: a crash or kill -9 mid-write never spoils the previous
+    checkpoint. Only tensors, numbers, strings, lists and dicts go in, so it loads with torch.load(weights_only=True)."""
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def rng_states():
-    st = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+class StopSignals:
+    """While a stage trains, SIGINT (Ctrl-C) or SIGTERM asks it to stop after the step in progress: train_loop then
+    saves and exits. A second signal stops at once, as a plain Ctrl-C would."""
+
+    def __enter__(self):
+        self.signum = 0
+        self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
 
 
-def set_rng_states(st):
-    torch.set_rng_state(st["torch"]); np.random.set_state(st["numpy"]); random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+def resume_command(dist):
+    launcher = "python" if dist.world == 1 else f"torchrun --nproc_per_node={dist.world}"
+    return " ".join([launcher] + [shlex.quote(a) for a in sys.argv if a != "--resume"] + ["--resume"])
 
 
 # ----------------------------------------------------------------------------------------------
-# one stage
+# the training loop, shared by every stage
 
 class Logger:
-    def __init__(self, out):
-        self.path = os.path.join(out, "train.log")
+    def __init__(self, out, main=True):
+        self.path, self.main = os.path.join(out, "train.log"), main
 
     def __call__(self, msg):
-        tqdm.write(msg)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
+        if self.main:
+            tqdm.write(msg)
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
 
 
 def lr_at(step, cfg, iters):
@@ -262,125 +326,218 @@ def lr_at(step, cfg, iters):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def run_stage(stage, cfg, desc, device, amp, log, init=None, resume=None, tokenizer=None):
-    """Train one stage; returns its final checkpoint dict. desc holds backbone, model_args, spec, data.
+def throughput(flops_per_s, device):
+    """MFU against the device's dense bf16 peak where known, else the achieved rate."""
+    peak, name = peak_flops(device)
+    return f"MFU {100 * flops_per_s / peak:.1f}% of {name}" if peak else f"{flops_per_s / 1e9:.1f} GFLOP/s"
 
-    init: a checkpoint whose backbone weights start this stage; resume: this stage's own unfinished checkpoint;
-    tokenizer: the (frozen) tokenizer weights a video GPT starts from, when init does not bring them."""
-    path = os.path.join(cfg.out, "pretrain.pt" if stage == "pretrain" else "ckpt.pt")
-    iters = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
-    adapter = "none" if stage == "pretrain" else cfg.adapter
-    ck = dict(desc, format=CKPT_FORMAT, adapter=adapter, stage=stage, config=asdict(cfg), iters=iters)
-    model, ema = build_model(ck).to(device), build_model(ck).to(device)
+
+def train_loop(job, cfg, dist, log):
+    """Run job.step(i) from job.start to job.iters; returns the final checkpoint dict (also written to job.path).
+
+    A log line every --log_interval steps (the loss averaged over processes, checked for NaN), a checkpoint every
+    --ckpt_seconds and at the end. SIGINT or SIGTERM: the step in progress finishes, the checkpoint is written and
+    the run stops with exit code 128 + signal and the command that resumes it."""
+    step, t0, t_log, t_ck, losses = job.start, time.time(), time.time(), time.time(), []
+
+    def checked_loss():
+        loss = dist.mean(torch.stack(losses).mean()) if losses else float("nan")
+        if losses and not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} in {job.name} before step {step}: lower --lr (now {cfg.lr}); the "
+                            f"last good checkpoint, if any, is untouched at {job.path}")
+        return loss
+
+    def save():
+        checked_loss()
+        ck = job.state(step, job.elapsed + time.time() - t0)
+        if dist.main:
+            save_checkpoint(job.path, ck)
+        return ck
+
+    bar = tqdm(total=job.iters, initial=step, desc=job.name, disable=None if dist.main else True, dynamic_ncols=True)
+    with StopSignals() as stop:
+        while step < job.iters:
+            losses.append(job.step(step))
+            step += 1
+            bar.update(1)
+            if step % cfg.log_interval == 0 or step == job.iters:
+                ms = 1000 * (time.time() - t_log) / len(losses)
+                log(f"{job.name} step {step:5d}/{job.iters} | loss {checked_loss():.4f} | lr {job.lr(step - 1):.2e} | "
+                    f"{ms:.0f} ms/iter | {job.frames * 1000 / ms:.0f} frames/s | "
+                    f"{throughput(job.flops * 1000 / ms, dist.device)} | ETA {(job.iters - step) * ms / 60000:.1f} min")
+                t_log, losses = time.time(), []
+            stopping = dist.any(stop.signum)
+            if stopping or (time.time() - t_ck > cfg.ckpt_seconds and step < job.iters):
+                save()
+                t_ck = time.time()
+            if stopping:
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+                msg = (f"{job.name} stopped by {name} at step {step}/{job.iters}; saved {job.path}. "
+                       f"Continue with: {resume_command(dist)}")
+                log(msg)
+                raise Stopped(msg, 128 + (stop.signum or signal.SIGTERM))
+    bar.close()
+    return save()
+
+
+# ----------------------------------------------------------------------------------------------
+# the stages
+
+@dataclass
+class Job:
+    """One stage's training as train_loop runs it."""
+    name: str
+    path: str           # its checkpoint
+    start: int          # the first step to run (> 0 when resumed)
+    iters: int
+    elapsed: float      # seconds trained before this process
+    step: object        # i -> this step's loss (a 0-d tensor, not read back: no GPU sync)
+    state: object       # (step, elapsed) -> the checkpoint dict
+    lr: object          # i -> learning rate at step i
+    frames: int         # frames per iteration, over all processes
+    flops: float        # training FLOPs per iteration, over all processes (3x the forward)
+
+
+def make_optimizer(params, cfg, device):
+    """AdamW with weight decay on matrices only."""
+    decay = [p for p in params if p.dim() >= 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
+                              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
+                             lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+
+
+def stage_models(stage, cfg, ck, device, init, tokenizer):
+    """The world model a stage trains, started from init's backbone (or from the tokenizer weights), and its EMA copy."""
+    with seeded(cfg.seed):
+        model = build_model(ck).to(device)
     if init is not None:
-        model.backbone.load_state_dict({k[len("backbone."):]: v for k, v in init["ema"].items() if k.startswith("backbone.")})
+        p = "backbone."
+        model.backbone.load_state_dict({k[len(p):]: v for k, v in init["ema"].items() if k.startswith(p)})
     elif tokenizer is not None:
         model.backbone.tokenizer.load_state_dict(tokenizer)
     if stage == "finetune" and cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("nothing to train: --freeze_backbone with --adapter none leaves no trainable weights")
-    decay = [p for p in params if p.dim() >= 2]
-    optim = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay),
-                               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)],
-                              lr=cfg.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
-    data = load_corpus(DataConfig(**desc["data"]), labelled=stage != "pretrain")
-    sampler = ClipSampler(data.train, model.backbone.cfg.clip_len, seed=cfg.seed + (stage == "pretrain"))
-    step, elapsed = 0, 0.0
-    if resume is not None:
-        model.load_state_dict(resume["model"]); ema.load_state_dict(resume["ema"])
-        optim.load_state_dict(resume["optimizer"])
-        step, elapsed = resume["step"], resume["elapsed"]
-        set_rng_states(resume["rng"]); sampler.rng.bit_generator.state = resume["sampler"]
-        log(f"resumed {stage} from {path} at step {step}/{iters}")
+    return model, copy.deepcopy(model).requires_grad_(False)
 
-    def checkpoint():
-        ck.update(model=model.state_dict(), ema=ema.state_dict(), optimizer=optim.state_dict(), step=step,
-                  iters=iters, elapsed=elapsed, rng=rng_states(), sampler=sampler.rng.bit_generator.state)
-        save_checkpoint(path, ck)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    n_adapter = sum(p.numel() for p in model.adapter.parameters()) if model.adapter is not None else 0
-    log(f"--- {stage}: {iters} iters, {n_params / 1e6:.2f}M parameters ({n_adapter / 1e6:.3f}M in the "
-        f"'{adapter}' adapter), {len(data.train['frames'])} training episodes")
-    fwd = torch.compile(model) if (cfg.compile and device.type == "cuda") else model
-    mcfg = model.backbone.cfg
-    frames_per_iter = cfg.batch_size * mcfg.clip_len
-    tokens = frames_per_iter * model.backbone.n_tok
-    flops_iter = 3 * flops_per_token(mcfg, mcfg.clip_len * model.backbone.n_tok) * tokens
-    model.train()
-    t_last, t_ck, loss_acc, n_acc = time.time(), time.time(), 0.0, 0
-    bar = tqdm(total=iters, initial=step, desc=stage, disable=None, dynamic_ncols=True)
-    while step < iters:
-        for g in optim.param_groups:
-            g["lr"] = lr_at(step, cfg, iters)
-        batch = sampler.sample(cfg.batch_size)
-        x = batch["frames"].to(device, non_blocking=True)
-        a = batch["actions"].to(device) if model.adapter is not None else None
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = LOSSES[desc["backbone"]](fwd, x, a, cfg.motion_weight, cfg.motion_temp, cell=model.backbone.cell)
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at {stage} step {step}: lower --lr (now {cfg.lr}); "
-                            f"the last good checkpoint, if any, is untouched at {path}")
-        optim.zero_grad(set_to_none=True)
+class StageTrainer:
+    """pretrain / finetune / scratch: the world model, its EMA, optimizer, clip sampler and noise generator."""
+
+    def __init__(self, stage, cfg, desc, device, amp, dist, init=None, resume=None, tokenizer=None):
+        self.cfg, self.device, self.amp, self.dist = cfg, device, amp, dist
+        self.iters = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
+        self.ck = dict(desc, format=CKPT_FORMAT, adapter="none" if stage == "pretrain" else cfg.adapter, stage=stage,
+                       config=asdict(cfg), iters=self.iters)
+        self.model, self.ema = stage_models(stage, cfg, self.ck, device, init, tokenizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError("nothing to train: --freeze_backbone with --adapter none leaves no trainable weights")
+        self.optim = make_optimizer(self.params, cfg, device)
+        self.data = load_corpus(DataConfig(**desc["data"]), labelled=stage != "pretrain", progress=dist.main)
+        self.sampler = ClipSampler(self.data.train, self.model.backbone.cfg.clip_len, seed=cfg.seed + (stage == "pretrain"))
+        self.g = make_generator(device, cfg.seed + 10 + (stage == "pretrain"))
+        self.start, self.elapsed = 0, 0.0
+        if resume is not None:
+            self.model.load_state_dict(resume["model"]); self.ema.load_state_dict(resume["ema"])
+            self.optim.load_state_dict(resume["optimizer"])
+            self.sampler.rng.bit_generator.state = resume["sampler"]
+            if "generator" in resume:                                       # (checkpoints before 2026-11-26 lack it)
+                self.g.set_state(resume["generator"])
+            self.start, self.elapsed = resume["step"], resume["elapsed"]
+        compiled = torch.compile(self.model) if (cfg.compile and device.type == "cuda") else self.model
+        self.fwd, self.part = dist.wrap(compiled), dist.part(cfg.batch_size)
+
+    def step(self, i):
+        cfg, kind = self.cfg, self.ck["backbone"]
+        for group in self.optim.param_groups:
+            group["lr"] = lr_at(i, cfg, self.iters)
+        batch = self.sampler.sample(cfg.batch_size)                     # the global batch, the same in every process
+        noise = NOISE[kind](batch["frames"].shape, self.device, self.g)
+        noise = noise and {k: v[self.part] for k, v in noise.items()}
+        x = batch["frames"][self.part].to(self.device, non_blocking=True)
+        a = batch["actions"][self.part].to(self.device) if self.model.adapter is not None else None
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = LOSSES[kind](self.fwd, x, a, cfg.motion_weight, cfg.motion_temp, cell=self.model.backbone.cell, noise=noise)
+        self.optim.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optim.step()
-        d = min(cfg.ema, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-        step += 1
-        loss_acc += loss.item(); n_acc += 1
-        bar.update(1)
-        if step % cfg.log_interval == 0 or step == iters:
-            dt = time.time() - t_last
-            elapsed += dt
-            ms = 1000 * dt / n_acc
-            line = (f"{stage} step {step:5d}/{iters} | loss {loss_acc / n_acc:.4f} | lr {optim.param_groups[0]['lr']:.2e} | "
-                    f"{ms:.0f} ms/iter | {frames_per_iter * 1000 / ms:.0f} frames/s | ETA {(iters - step) * ms / 60000:.1f} min")
-            if device.type == "cuda":
-                line += f" | MFU {100 * flops_iter / (ms / 1000) / 989e12:.1f}% of H100 bf16 peak"
-            log(line)
-            t_last, loss_acc, n_acc = time.time(), 0.0, 0
-        if time.time() - t_ck > cfg.ckpt_seconds and step < iters:
-            checkpoint(); t_ck = time.time()
-    bar.close()
-    checkpoint()
-    return ck
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optim.step()
+        d = min(cfg.ema, (1 + i) / (10 + i))
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - d)
+        return loss.detach()
+
+    def state(self, step, elapsed):
+        return dict(self.ck, model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.optim.state_dict(),
+                    step=step, elapsed=elapsed, generator=self.g.get_state(), sampler=self.sampler.rng.bit_generator.state)
+
+    def job(self, path, log):
+        m, b, n_adapter = self.model, self.model.backbone, 0
+        n_adapter = sum(p.numel() for p in m.adapter.parameters()) if m.adapter is not None else 0
+        log(f"--- {self.ck['stage']}: {self.iters} iters, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
+            f"({n_adapter / 1e6:.3f}M in the '{self.ck['adapter']}' adapter), {len(self.data.train['frames'])} training "
+            f"episodes" + (f", {self.dist.world} processes (DDP)" if self.dist.world > 1 else ""))
+        if self.start:
+            log(f"resumed {self.ck['stage']} from {path} at step {self.start}/{self.iters}")
+        T, B = b.cfg.clip_len, self.cfg.batch_size
+        flops = 3 * forward_flops(b, T) * B + (tokenizer_flops(b.tokenizer, B * T * b.n_tok) if isinstance(b, VideoGPT) else 0)
+        return Job(self.ck["stage"], path, self.start, self.iters, self.elapsed, self.step, self.state,
+                   lambda i: lr_at(i, self.cfg, self.iters), B * T, flops)
 
 
-def train_tokenizer(cfg, desc, device, log):
-    """The tokenizer stage (--backbone ar): fit the per-frame VQ tokenizer (model.py) to frames of the
-    action-free corpus; returns its checkpoint, with its PSNR on held-out frames."""
+class TokenizerTrainer:
+    """The tokenizer stage (--backbone ar): the per-frame VQ tokenizer (model.py) on frames of the action-free corpus,
+    at a constant learning rate (measured better than a decay here). Trained by the first process alone."""
+
+    def __init__(self, cfg, desc, device, resume=None):
+        self.cfg, self.desc, self.device = cfg, desc, device
+        with seeded(cfg.seed):
+            self.tok = make_tokenizer(ARConfig(**desc["model_args"])).to(device)
+        self.optim = torch.optim.AdamW(self.tok.parameters(), lr=2e-3, weight_decay=0.0)
+        self.data = load_corpus(DataConfig(**desc["data"]), labelled=False)
+        self.sampler = ClipSampler(self.data.train, 1, seed=cfg.seed + 2)
+        self.g = make_generator(device, cfg.seed + 12)
+        self.start, self.elapsed = 0, 0.0
+        if resume is not None:
+            self.tok.load_state_dict(resume["tokenizer"]); self.optim.load_state_dict(resume["optimizer"])
+            self.g.set_state(resume["generator"]); self.sampler.rng.bit_generator.state = resume["sampler"]
+            self.start, self.elapsed = resume["step"], resume["elapsed"]
+
+    def step(self, i):
+        self.tok.train()
+        loss, _ = self.tok.loss(self.sampler.sample(2 * self.cfg.batch_size)["frames"][:, 0].to(self.device), generator=self.g)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+        return loss.detach()
+
+    def state(self, step, elapsed):
+        return dict(self.desc, format=CKPT_FORMAT, adapter="none", stage="tokenizer", config=asdict(self.cfg), step=step,
+                    iters=self.cfg.tokenizer_iters, elapsed=elapsed, tokenizer=self.tok.state_dict(),
+                    optimizer=self.optim.state_dict(), generator=self.g.get_state(), sampler=self.sampler.rng.bit_generator.state)
+
+    def job(self, path, log):
+        tok, iters = self.tok, self.cfg.tokenizer_iters
+        log(f"--- tokenizer: {iters} iters, {sum(p.numel() for p in tok.parameters()) / 1e6:.2f}M parameters, "
+            f"{len(tok.codebook)} codes, {self.desc['model_args']['size'] // 2 ** tok.down}^2 codes per frame")
+        frames = 2 * self.cfg.batch_size
+        return Job("tokenizer", path, self.start, iters, self.elapsed, self.step, self.state, lambda i: 2e-3, frames, 0.0)
+
+    @torch.no_grad()
+    def held_out_psnr(self):
+        self.tok.eval()
+        held = ClipSampler(self.data.test, 1, seed=0).sample(256)["frames"].to(self.device)        # (256, 1, C, S, S)
+        return psnr(self.tok.decode(self.tok.encode(held)), held).mean().item()
+
+
+def train_tokenizer(cfg, desc, device, log, resume=None):
+    """Run (or finish) the tokenizer stage; returns its checkpoint, with its PSNR on held-out frames."""
+    trainer = TokenizerTrainer(cfg, desc, device, resume)
     path = os.path.join(cfg.out, "tokenizer.pt")
-    tok = make_tokenizer(ARConfig(**desc["model_args"])).to(device)
-    optim = torch.optim.AdamW(tok.parameters(), lr=2e-3, weight_decay=0.0)      # constant: measured better than a decay here
-    data = load_corpus(DataConfig(**desc["data"]), labelled=False)
-    sampler = ClipSampler(data.train, 1, seed=cfg.seed + 2)
-    iters = cfg.tokenizer_iters
-    log(f"--- tokenizer: {iters} iters, {sum(p.numel() for p in tok.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(tok.codebook)} codes, {desc['model_args']['size'] // 2 ** tok.down}^2 codes per frame")
-    tok.train()
-    t_last, loss_acc = time.time(), 0.0
-    for step in tqdm(range(iters), desc="tokenizer", disable=None, dynamic_ncols=True):
-        loss, _ = tok.loss(sampler.sample(2 * cfg.batch_size)["frames"][:, 0].to(device))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        loss_acc += loss.item()
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == iters:
-            n = cfg.log_interval if (step + 1) % cfg.log_interval == 0 else (step + 1) % cfg.log_interval
-            log(f"tokenizer step {step + 1:5d}/{iters} | loss {loss_acc / n:.4f} | {1000 * (time.time() - t_last) / n:.0f} ms/iter")
-            t_last, loss_acc = time.time(), 0.0
-    tok.eval()
-    held = ClipSampler(data.test, 1, seed=0).sample(256)["frames"].to(device)        # (256, 1, C, S, S)
-    tok_psnr = psnr(tok.decode(tok.encode(held)), held).mean().item()
-    log(f"tokenizer: held-out psnr {tok_psnr:.2f} dB, {int((tok.usage >= 1).sum())}/{len(tok.usage)} codes in use")
-    ck = dict(desc, format=CKPT_FORMAT, adapter="none", stage="tokenizer", config=asdict(cfg), step=iters, iters=iters,
-              tokenizer=tok.state_dict(), tokenizer_psnr=tok_psnr)
+    ck = train_loop(trainer.job(path, log), cfg, Dist(device.type, alone=True).start(device), log)
+    ck["tokenizer_psnr"] = trainer.held_out_psnr()
     save_checkpoint(path, ck)
+    tok = trainer.tok
+    log(f"tokenizer: held-out psnr {ck['tokenizer_psnr']:.2f} dB, {int((tok.usage >= 1).sum())}/{len(tok.usage)} codes in use")
     return ck
 
 
@@ -395,21 +552,21 @@ def tokenizer_weights(ck, path):
     return {k[len(p):]: v for k, v in ck["ema"].items() if k.startswith(p)}
 
 
-def train(cfg):
-    device, amp, why = pick_device(cfg.device)
-    expect = resolve(cfg, device)
+# ----------------------------------------------------------------------------------------------
+# the recipe
+
+FILES = {"tokenizer": "tokenizer.pt", "pretrain": "pretrain.pt", "finetune": "ckpt.pt", "scratch": "ckpt.pt"}
+
+
+def plan_stages(cfg):
+    """The stages to run, their checkpoint files, and the checkpoints they start from; every mistake in the flags
+    is caught here, before any work. -> stages, files, init, tok_from"""
     stages = {"all": ["pretrain", "finetune"], "scratch": ["scratch"], "pretrain": ["pretrain"],
               "finetune": ["finetune"]}[cfg.stage]
     tok_from = read_checkpoint(cfg.tokenizer) if cfg.tokenizer else None
-    if cfg.backbone == "ar" and tok_from is None and not cfg.init_from and stages[0] != "finetune":
-        stages = ["tokenizer"] + stages
-    files = {s: os.path.join(cfg.out, {"pretrain": "pretrain.pt", "tokenizer": "tokenizer.pt"}.get(s, "ckpt.pt"))
-             for s in stages}
-    if not cfg.resume:
-        clash = [f for f in files.values() if os.path.exists(f)]
-        if clash:
-            raise UserError(f"{clash[0]} already exists: pass --resume to continue that run, or choose another --out")
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
+    if cfg.backbone == "ar" and tok_from is None and init is None and stages[0] != "finetune":
+        stages = ["tokenizer"] + stages
     if init is not None:
         if init["backbone"] != cfg.backbone:
             raise UserError(f"--init_from {cfg.init_from} holds a '{init['backbone']}' backbone, not '{cfg.backbone}': "
@@ -417,50 +574,70 @@ def train(cfg):
         stages = [s for s in stages if s != "pretrain"]
         if not stages:
             raise UserError("--init_from starts the finetune stage: use --stage finetune or all")
+    files = {s: os.path.join(cfg.out, FILES[s]) for s in stages}
+    clash = [f for f in files.values() if os.path.exists(f)]
+    if clash and not cfg.resume:
+        raise UserError(f"{clash[0]} already exists: pass --resume to continue that run, or choose another --out")
     if stages == ["finetune"] and init is None:
         pre = os.path.join(cfg.out, "pretrain.pt")
         if not os.path.exists(pre):
             raise UserError(f"the finetune stage needs a pre-trained backbone: pass --init_from CKPT or run --stage pretrain first (no {pre})")
         init = read_checkpoint(pre)
-    os.makedirs(cfg.out, exist_ok=True)
-    log = Logger(cfg.out)
+    return stages, files, init, tok_from
+
+
+def describe(cfg, init, tok_from):
+    """What every checkpoint of this run records: backbone, its config, the action spec and the data config."""
     world = make_world(cfg.env)
     spec = dict(discrete=world.discrete, n_actions=world.n_actions, action_dim=world.action_dim)
-    cls, mcls = BACKBONES[cfg.backbone]
-    margs = {f.name: getattr(cfg, f.name) for f in fields(mcls) if getattr(cfg, f.name, None) is not None}
+    margs = {f.name: getattr(cfg, f.name) for f in fields(BACKBONES[cfg.backbone][1]) if getattr(cfg, f.name, None) is not None}
     if tok_from is not None:
         tok_args = ("size", "channels", "down", "codes", "code_dim", "tok_width")
         margs.update({k: v for k, v in tok_from["model_args"].items() if k in tok_args})
     if init is not None:
         margs = init["model_args"]
-    dcfg = DataConfig(env=cfg.env, size=margs["size"], n_free=cfg.n_free, n_labelled=cfg.n_labelled,
-                      seed=cfg.seed, data_dir=cfg.data_dir)
-    desc = dict(backbone=cfg.backbone, model_args=margs, spec=spec, data=asdict(dcfg))
-    log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env}' | stages {' -> '.join(stages)} | out {cfg.out}")
-    torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
-    t0 = time.time()
-    tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
+    dcfg = DataConfig(env=cfg.env, size=margs["size"], n_free=cfg.n_free, n_labelled=cfg.n_labelled, seed=cfg.seed,
+                      data_dir=cfg.data_dir)
+    return dict(backbone=cfg.backbone, model_args=margs, spec=spec, data=asdict(dcfg))
+
+
+def resumable(cfg, path):
+    """This stage's own checkpoint when --resume finds one, checked against the flags."""
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    prev = read_checkpoint(path)
+    if prev["backbone"] != cfg.backbone or prev["data"]["env"] != cfg.env:
+        raise UserError(f"{path} is a '{prev['backbone']}' run on '{prev['data']['env']}', not '{cfg.backbone}' on "
+                        f"'{cfg.env}': pass the same --backbone and --env, or another --out")
+    return prev
+
+
+def run_stages(cfg, stages, files, desc, init, tok, device, amp, dist, log):
+    """Each stage in turn, each started from the one before; a finished stage found by --resume is reused.
+    Returns the last stage's checkpoint."""
     for stage in stages:
-        prev = read_checkpoint(files[stage]) if cfg.resume and os.path.exists(files[stage]) else None
-        if prev is not None and (prev["backbone"] != cfg.backbone or prev["data"]["env"] != cfg.env):
-            raise UserError(f"{files[stage]} is a '{prev['backbone']}' run on '{prev['data']['env']}', not "
-                            f"'{cfg.backbone}' on '{cfg.env}': pass the same --backbone and --env, or another --out")
-        if stage == "tokenizer":
-            if prev is None:
-                prev = train_tokenizer(cfg, desc, device, log)
-            else:
-                log(f"resume: tokenizer already trained in {files[stage]}, reusing it")
-            tok = prev["tokenizer"]
-            continue
-        iters = cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
-        if prev is not None and prev["step"] >= iters:
-            log(f"resume: {stage} already finished in {files[stage]}, skipping it")
+        prev = resumable(cfg, files[stage])
+        iters = cfg.tokenizer_iters if stage == "tokenizer" else cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
+        if prev is not None and prev["step"] >= iters and (stage != "tokenizer" or "tokenizer_psnr" in prev):
+            log(f"resume: {stage} already finished in {files[stage]}, reusing it")
             ck = prev
+        elif stage == "tokenizer":
+            ck = train_tokenizer(cfg, desc, device, log, prev) if dist.main else None
+            dist.barrier()
+            ck = ck or read_checkpoint(files[stage])
         else:
-            if prev is not None:
-                desc = {k: prev[k] for k in desc}
-            ck = run_stage(stage, cfg, desc, device, amp, log, init=init, resume=prev, tokenizer=tok)
-        init = ck
+            desc = {k: prev[k] for k in desc} if prev is not None else desc
+            trainer = StageTrainer(stage, cfg, desc, device, amp, dist, init=init, resume=prev, tokenizer=tok)
+            ck = train_loop(trainer.job(files[stage], log), cfg, dist, log)
+        if stage == "tokenizer":
+            tok = ck["tokenizer"]
+        else:
+            init = ck
+    return ck
+
+
+def report(ck, cfg, device, why, stages, t0, log):
+    """Evaluate the final EMA weights on held-out episodes; write metrics.json and rollout.gif."""
     model = build_model(ck).to(device)
     model.load_state_dict(ck["ema"])
     data = load_corpus(DataConfig(**ck["data"]), labelled=True)
@@ -474,8 +651,33 @@ def train(cfg):
     compare_gif(model, ck, os.path.join(cfg.out, "rollout.gif"), device=device, **sampling(cfg))
     log(f"psnr {m['psnr']:.2f} dB (shuffled actions {m['psnr_shuffled']:.2f}, copy-last {m['psnr_copy_last']:.2f}) | "
         f"ssim {m['ssim']:.3f} | pos_err {m['pos_err']:.2f} px (shuffled {m['pos_err_shuffled']:.2f}, "
-        f"copy-last {m['pos_err_copy_last']:.2f}) | missing {m['pos_missing']:.1%}")
+        f"copy-last {m['pos_err_copy_last']:.2f}) | missing {m['pos_missing']:.1%} | {m['clips']} clips from "
+        f"{m['episodes']} held-out episodes")
     log(f"wrote {cfg.out}/metrics.json and {cfg.out}/rollout.gif in {m['train_seconds'] / 60:.1f} min")
+    return m
+
+
+def train(cfg):
+    dist = Dist(cfg.device)
+    device, amp, why = pick_device(dist.device_name)
+    dist.start(device)
+    expect = resolve(cfg, device)
+    stages, files, init, tok_from = plan_stages(cfg)
+    desc = describe(cfg, init, tok_from)
+    os.makedirs(cfg.out, exist_ok=True)
+    log = Logger(cfg.out, dist.main)
+    log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env}' | stages {' -> '.join(stages)} | "
+        f"out {cfg.out}" + (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
+    if dist.main:                                     # the first process builds the corpora, the others read them
+        for labelled in {s not in ("tokenizer", "pretrain") for s in stages} | {True}:
+            load_corpus(DataConfig(**desc["data"]), labelled)
+    dist.barrier()
+    t0 = time.time()
+    tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
+    ck = run_stages(cfg, stages, files, desc, init, tok, device, amp, dist, log)
+    m = report(ck, cfg, device, why, stages, t0, log) if dist.main else None
+    dist.barrier()
+    dist.close()
     return m
 
 
