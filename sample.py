@@ -30,19 +30,29 @@ NUMPY_ARRAYS = [(np.ndarray.__reduce__(np.zeros(1))[0], f"numpy.{m}core.multiarr
 # the sampler
 
 @torch.no_grad()
-def denoise(model, history, actions, n_new, steps=4, generator=None):
+def denoise(model, history, actions, n_new, steps=4, generator=None, share=1, use_cache=True):
     """Euler integration of dx/dt = v from t = 1 (noise) to t = 0 (data) for n_new frames after a clean history.
     The model predicts the clean frames x0_hat; the velocity is v = (x_t - x0_hat) / t (loss.py), so the last
     step lands exactly on the model's x0_hat.
 
-    history (B, h, C, S, S) clean frames; actions (B, h + n_new, ...) lead into each frame.
-    Returns the n_new new frames, (B, n_new, C, S, S)."""
-    B, h = history.shape[:2]
-    x = torch.randn((B, n_new) + history.shape[2:], device=history.device, generator=generator)
+    actions (B, h + n_new, ...) lead into each frame. Each group of `share` consecutive rows draws one noise: its
+    futures differ by their actions alone. history (B, h, C, S, S) clean frames, or (B / share, h, C, S, S), one per
+    group, computed once for the group. With use_cache the history's keys and values are computed once (DiT.forward
+    with a cache) instead of at every Euler step. Returns the n_new new frames, (B, n_new, C, S, S)."""
+    B, (Bh, h) = actions.shape[0], history.shape[:2]
+    x = torch.randn((B // share, n_new) + history.shape[2:], device=history.device, generator=generator)
+    x = x.repeat_interleave(share, 0)
+    cache = model.backbone.new_cache() if use_cache else None
+    if use_cache and Bh < B:                             # a shared history: computed once, its keys copied to each row
+        model(history, torch.zeros(Bh, h, device=x.device), cache=cache, actions=actions[::B // Bh, :h])
+        for layer in cache["layers"]:
+            layer.update({k: v.repeat_interleave(B // Bh, 0) for k, v in layer.items()})
+    history = history.repeat_interleave(B // Bh, 0)
     ts = torch.linspace(1, 0, steps + 1, device=history.device)
     for i in range(steps):
         tau = torch.cat([torch.zeros(B, h, device=x.device), torch.full((B, n_new), float(ts[i]), device=x.device)], 1)
-        x0_hat = model(torch.cat([history, x], 1), tau, actions=actions)[:, h:].float()
+        keep = h if use_cache and cache["frames"] == 0 else 0          # the first step computes the history: keep it
+        x0_hat = model(torch.cat([history, x], 1), tau, cache=cache, keep=keep, actions=actions)[:, -n_new:].float()
         x = x + (ts[i + 1] - ts[i]) * (x - x0_hat) / ts[i]
     return x.clamp(-1, 1)
 
@@ -98,13 +108,16 @@ def check_rollout(model, context, actions, generator):
         raise UserError(f"the context must be frames (batch, k, {', '.join(map(str, want))}) in [-1, 1]; got {tuple(context.shape)}")
     if not torch.isfinite(context).all():
         raise UserError("the context frames hold NaN or inf: pass finite frames in [-1, 1]")
-    if actions.shape[0] != context.shape[0]:
-        raise UserError(f"{context.shape[0]} contexts need {context.shape[0]} action sequences; got {actions.shape[0]}")
-    k, H = context.shape[1], actions.shape[1] - context.shape[1]
-    if H < 1:
+    B, (Bc, k) = actions.shape[0], context.shape[:2]
+    if B % Bc:
+        raise UserError(f"{Bc} contexts need {Bc} action sequences, or a multiple (several futures each); got {B}")
+    if actions.shape[1] - k < 1:
         raise UserError(f"actions must cover the context ({k} frames) and at least one new frame; got {actions.shape[1]}")
     if model.spec is not None:
         check_actions(actions, model.spec, actions.shape[1], values=True)
+    own = actions[:, :k].reshape(Bc, B // Bc, -1)
+    if B > Bc and not (own == own[:, :1]).all():
+        raise UserError("the action sequences that share a context must agree on the context's own actions (the first k)")
     if generator is not None and generator.device.type != context.device.type:
         raise UserError(f"the generator is on {generator.device} but the model on {context.device}: "
                         f"make it with model.make_generator(device, seed)")
@@ -115,22 +128,26 @@ def rollout(model, context, actions, steps=4, chunk=1, temperature=1.0, top_k=0,
             on_frame=None):
     """Roll the world forward from context frames under a sequence of actions: the world model as a batched env.
 
-    context (B, k, C, S, S) in [-1, 1]; actions (B, k + H, ...) where actions[:, i] leads into frame i
-    (those of the context frames included). Returns the H new frames, (B, H, C, S, S), on the model's device.
-    DiT: frames are denoised `chunk` at a time (1 = frame by frame) with `steps` Euler steps, each chunk
-    seeing at most clip_len - chunk earlier frames. GPT: the context is tokenized, frames are sampled
-    code by code (temperature, top_k, KV cache: sample_codes) and decoded. The noise comes from `generator`
-    (on the model's device; None: a fresh one seeded 0, so a call is reproducible). Bad inputs raise a UserError
-    that names them; NaN frames never come back."""
+    context (Bc, k, C, S, S) in [-1, 1]; actions (B, k + H, ...) where actions[:, i] leads into frame i (those of the
+    context frames included). B = Bc, or a multiple: then each context drives B / Bc consecutive action sequences
+    (a planner's candidates), computed once and sharing one noise, so its futures differ by their actions alone.
+    Returns the H new frames, (B, H, C, S, S), on the model's device.
+    DiT: frames are denoised `chunk` at a time (1 = frame by frame) with `steps` Euler steps, each chunk seeing at
+    most clip_len - chunk earlier frames, whose keys and values are computed once per chunk (use_cache). The window's
+    time positions are absolute, so a sliding window recomputes them, once per chunk, never per Euler step.
+    GPT: the context is tokenized, frames are sampled code by code (temperature, top_k, KV cache: sample_codes) and
+    decoded. The noise comes from `generator` (on the model's device; None: a fresh one seeded 0, so a call is
+    reproducible). Bad inputs raise a UserError that names them; NaN frames never come back."""
     device = next(model.parameters()).device
     context, actions = context.to(device), actions.to(device)
     check_rollout(model, context, actions, generator)
     generator = generator if generator is not None else make_generator(device, 0)
     window = model.backbone.cfg.clip_len
-    k, H = context.shape[1], actions.shape[1] - context.shape[1]
+    B, (Bc, k), H = actions.shape[0], context.shape[:2], actions.shape[1] - context.shape[1]
     if isinstance(model.backbone, VideoGPT):
         tok = model.backbone.tokenizer
-        z = sample_codes(model, tok.encode(context), actions, H, temperature, top_k, generator, use_cache, on_frame)
+        z = tok.encode(context).repeat_interleave(B // Bc, 0)
+        z = sample_codes(model, z, actions, H, temperature, top_k, generator, use_cache, on_frame)
         return finite(tok.decode(z[:, k:]))
     if not 1 <= chunk < window:
         raise UserError(f"chunk must be in 1..{window - 1} for a model with clip_len {window}")
@@ -139,8 +156,8 @@ def rollout(model, context, actions, steps=4, chunk=1, temperature=1.0, top_k=0,
         n = min(chunk, k + H - frames.shape[1])
         hist = frames[:, -(window - n):]
         t0 = frames.shape[1] - hist.shape[1]
-        new = denoise(model, hist, actions[:, t0:t0 + hist.shape[1] + n], n, steps, generator)
-        frames = torch.cat([frames, new], 1)
+        new = denoise(model, hist, actions[:, t0:t0 + hist.shape[1] + n], n, steps, generator, B // Bc, use_cache)
+        frames = torch.cat([frames.repeat_interleave(B // frames.shape[0], 0), new], 1)
         if on_frame is not None:
             on_frame(frames.shape[1] - 1)
     return finite(frames[:, k:])

@@ -243,6 +243,30 @@ def test_kv_cache_gives_the_logits_of_a_full_forward_pass():
     assert r1.shape == (2, 5, 3, 16, 16) and torch.equal(r1, r2)       # same samples with and without the cache
 
 
+@pytest.mark.parametrize("clip_len", [2, 3])
+def test_dit_context_cache_gives_the_frames_of_full_forward_passes(clip_len):
+    """The DiT's context keys and values, computed once per chunk instead of at every Euler step, change no frame;
+    a context shared by several action sequences (a planner's candidates) gives each the frames it would give alone,
+    with the noise of its first sequence."""
+    torch.manual_seed(0)
+    m = WorldModel(DiT(replace(SMALL, clip_len=clip_len)), "film", SPECS["pusher"]).eval()
+    for prm in m.parameters():
+        torch.nn.init.normal_(prm, std=0.05)
+    ctx, acts = torch.rand(2, 1, 3, 16, 16) * 2 - 1, actions_for(SPECS["pusher"], 2, 6)
+    g = lambda: torch.Generator().manual_seed(0)
+    for chunk in range(1, clip_len):
+        cached, full = (rollout(m, ctx, acts, chunk=chunk, generator=g(), use_cache=c) for c in (True, False))
+        assert cached.shape == (2, 5, 3, 16, 16) and torch.allclose(cached, full, atol=1e-5)
+    futures = actions_for(SPECS["pusher"], 6, 6, seed=1)
+    futures[:, 0] = acts[:, 0].repeat_interleave(3, 0)                 # 3 futures per context share its own action
+    futures[::3] = acts
+    shared = rollout(m, ctx, futures, generator=g())
+    assert torch.allclose(shared[::3], rollout(m, ctx, acts, generator=g()), atol=1e-5)
+    assert not torch.allclose(shared[0], shared[1])
+    with pytest.raises(UserError, match="agree on the context"):
+        rollout(m, ctx, actions_for(SPECS["pusher"], 6, 6, seed=2))
+
+
 def test_tokenizer_round_trip():
     """A few hundred steps on a handful of frames: the codes decode back to the frames (above 20 dB; an untrained
     tokenizer scores about 9 dB), and the codebook is used."""
@@ -344,7 +368,7 @@ def test_sampler_recovers_a_known_answer():
             super().__init__()
             self.backbone, self.spec = DiT(DiTConfig(size=16, patch=4, clip_len=3, width=8, depth=1, heads=1)), None
 
-        def forward(self, x, tau, actions=None):
+        def forward(self, x, tau, actions=None, **cache):              # computes every frame: no cache
             t = tau[:, :, None, None, None].clamp(min=1e-4)
             la, lb = (-(x - (1 - t) * c).pow(2).sum((2, 3, 4), keepdim=True) / (2 * t ** 2) for c in (a, b))
             wa = torch.sigmoid(la - lb)
@@ -664,7 +688,7 @@ def test_world_model_replay_keeps_one_priority_per_clip_in_buffer_order():
     episodes added later enter at the top priority."""
     from mbrl import Agent, MBRLConfig, merge
     from data import ClipSampler, play_episodes, to_float
-    agent = Agent(MBRLConfig(env="pusher", width=32, depth=1), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
+    agent = Agent(MBRLConfig(env="pusher", width=32, depth=1, compile=False), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
     agent.one_step_error = lambda frames, actions: (frames[:, -1] + 1).mean((1, 2, 3))   # a known 'error': brightness
     w, rng = make_world("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
     buf = play_episodes(w, lambda o, t: w.random_action(rng), 8)
@@ -681,7 +705,7 @@ def test_agent_clone_is_independent():
     """--imagination both continues each kind from a clone of one fitted agent: same scores, separate training."""
     from mbrl import Agent, MBRLConfig
     from data import play_episodes, to_float
-    cfg = MBRLConfig(env="pusher", width=32, depth=1)
+    cfg = MBRLConfig(env="pusher", width=32, depth=1, compile=False)
     agent = Agent(cfg, dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
     w, rng = make_world("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
     buf = play_episodes(w, lambda o, t: w.random_action(rng), 8)
@@ -703,7 +727,7 @@ def test_value_iters_0_plans_on_rewards_alone():
     w = make_world("pusher", num=2, size=16, seed=0)
     s, prev, cand = to_float(w.reset()[0]), torch.zeros(2, 2), torch.rand(2, 3, 2, 2) * 2 - 1
     for iters in (0, 150):
-        agent = Agent(MBRLConfig(env="pusher", width=32, depth=1, value_iters=iters), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
+        agent = Agent(MBRLConfig(env="pusher", width=32, depth=1, value_iters=iters, compile=False), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
         g = lambda: torch.Generator().manual_seed(0)
         before = agent.score(s, prev, cand, g())
         with torch.no_grad():
@@ -725,7 +749,7 @@ def test_value_is_trained_on_imagined_states():
         buf = play_episodes(w, lambda o, t: w.random_action(rng), 6)
         states, prev = replay_states(buf)
         for D in (0, 3):
-            agent = Agent(MBRLConfig(env=env, width=32, depth=1, batch_size=16, imagine_horizon=D), spec, "cpu", 0)
+            agent = Agent(MBRLConfig(env=env, width=32, depth=1, batch_size=16, imagine_horizon=D, compile=False), spec, "cpu", 0)
             agent.fit(buf, 3, 1)                                                # untrained, the model copies its context
             seen, forward = [], agent.value.forward
             agent.value.forward = lambda x: (seen.append(x) if torch.is_grad_enabled() else None) or forward(x)
@@ -741,7 +765,8 @@ def test_value_is_trained_on_imagined_states():
 def test_mbrl_runs_end_to_end(tmp_path):
     r = run("mbrl.py", "--env", "pusher", "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2",
             "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3", "--update_iters", "2",
-            "--value_iters", "2", "--eval_episodes", "2", "--candidates", "8", "--elites", "2", "--episode_len", "6")
+            "--value_iters", "2", "--eval_episodes", "2", "--candidates", "8", "--elites", "2", "--episode_len", "6",
+            "--compile", "false")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(tmp_path / "m" / "results.json"))
     assert {"model_mpc_prioritized", "model_mpc_uniform", "random", "oracle_mpc"} <= set(res["methods"])
@@ -758,7 +783,7 @@ def tiny_mbrl(env="pusher", **kw):
     from mbrl import MBRLConfig
     from data import play_episodes
     cfg = MBRLConfig(env=env, width=32, depth=1, batch_size=8, rounds=2, episodes=2, update_iters=2, value_iters=2,
-                     eval_episodes=2, candidates=8, elites=2, episode_len=6, **kw)
+                     eval_episodes=2, candidates=8, elites=2, episode_len=6, compile=False, **kw)
     w, rng = make_world(env, num=4, size=16, seed=0), np.random.default_rng(0)
     spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
     return cfg, spec, play_episodes(w, lambda o, t: w.random_action(rng), 6)

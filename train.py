@@ -109,17 +109,24 @@ PRESETS = {   # shared fields, then each backbone's own
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+def parse_config(cls, doc, argv=None):
+    """A command line from a config dataclass: one flag per field, its help from the field's metadata; --flag alone
+    sets a bool, --flag false clears it."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        if f.type is bool or f.type == "bool":
+    for f in fields(cls):
+        typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
+        default = " (default: the preset's)" if f.default is None else f" (default {f.default!r})"
+        if typ is bool:
             p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), nargs="?",
-                           const=True, default=f.default, help=f.metadata["help"])
+                           const=True, default=f.default, help=f.metadata["help"] + default)
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"] + (" (default: the preset's)" if f.default is None else f" (default {f.default!r})"))
-    return TrainConfig(**vars(p.parse_args(argv)))
+            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"] + default)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def parse_args(argv=None):
+    return parse_config(TrainConfig, __doc__, argv)
 
 
 def resolve(cfg, device):
