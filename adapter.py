@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from data import UserError
+from envs import UserError
 from model import per_token
 
 

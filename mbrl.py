@@ -56,7 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ClipSampler, DataConfig, UserError, WORLDS, make_world, play_episodes, run_cli, to_float
+from envs import UserError, make_env, run_cli
+from data import ClipSampler, DataConfig, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES
@@ -485,7 +486,7 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar):
     agent = Agent(cfg, spec, device, seed)
     world_kw = dict(size=agent.size, max_steps=cfg.episode_len)
     rng = np.random.default_rng(seed)
-    collect = make_world(cfg.env, num=cfg.seed_episodes, seed=seed, **world_kw)
+    collect = make_env(cfg.env, num=cfg.seed_episodes, seed=seed, **world_kw)
     buffer = play_episodes(collect, lambda obs, t: collect.random_action(rng), cfg.episode_len)
     wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
     log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
@@ -510,7 +511,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
     curve, dec_times = [], []
 
     def evaluate():
-        w = make_world(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **world_kw)
+        w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **world_kw)
         act, times = mpc_policy(w, agent.plan_scores, spec, cfg, make_generator(agent.device, 10_000 + seed))
         R = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
         dec_times.extend(times)
@@ -533,7 +534,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
     for r in range(cfg.rounds):
         if r % cfg.eval_every == 0:
             evaluate()
-        w = make_world(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
+        w = make_env(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
         act, _ = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g, cfg.explore, rng)
         eps = play_episodes(w, act, cfg.episode_len)
         buffer = merge(buffer, eps)
@@ -547,10 +548,10 @@ def baselines(cfg, seed, spec, size):
     """Random actions and the planner in the true simulator, on the evaluation episodes of this seed."""
     kw = dict(size=size, max_steps=cfg.episode_len)
     rng = np.random.default_rng(seed)
-    w = make_world(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
+    w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
     R_rand = float(episode_return(play_episodes(w, lambda o, t: w.random_action(rng), cfg.episode_len)).mean())
-    w = make_world(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
-    sim = make_world(cfg.env, num=cfg.eval_episodes, **kw)
+    w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
+    sim = make_env(cfg.env, num=cfg.eval_episodes, **kw)
     act, times = mpc_policy(w, lambda obs, prev, cand, g: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg,
                             make_generator("cpu", seed))
     R_orc = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
@@ -598,7 +599,7 @@ def bench(cfg, spec, device, why, log):
     """The time of one MPC decision for one world in the learned simulator (untrained weights: the cost does not
     depend on them); the first decision (warm-up) is not counted."""
     agent = Agent(cfg, spec, device, seed=0)
-    w = make_world(cfg.env, num=1, seed=0, size=agent.size, max_steps=cfg.episode_len)
+    w = make_env(cfg.env, num=1, seed=0, size=agent.size, max_steps=cfg.episode_len)
     obs, _ = w.reset()
     act, times = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g)
     for t in tqdm(range(cfg.bench + 1), desc="decisions", disable=None, leave=False):
@@ -608,7 +609,7 @@ def bench(cfg, spec, device, why, log):
 
 
 def main(cfg):
-    world = make_world(cfg.env)
+    world = make_env(cfg.env)
     if cfg.backbone not in BACKBONES:
         raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
     kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}

@@ -11,11 +11,13 @@ regenerated from the data config stored there too.
 import argparse
 import os
 import pickle
+import time
 
 import numpy as np
 import torch
 
-from data import ClipSampler, DataConfig, UserError, load_corpus, run_cli, spread_clips, to_uint8
+from envs import KEYS, UserError, keys_for, run_cli
+from data import ClipSampler, DataConfig, load_corpus, spread_clips, to_uint8
 from model import BACKBONES, VideoGPT, make_generator, pick_device, seeded
 from adapter import WorldModel, check_actions
 
@@ -243,8 +245,10 @@ def save_gif(path, columns, labels, scale=4, ms=200):
 
 
 def heldout_clips(ck, n, length):
-    """n held-out clips of `length` frames from the checkpoint's own action-labelled corpus, spread over its episodes."""
+    """n held-out clips of `length` frames (at most the longest held-out episode) from the checkpoint's own
+    action-labelled corpus, spread over its episodes."""
     data = load_corpus(DataConfig(**ck["data"]), labelled=True, progress=False)
+    length = min(length, int(data.test["lengths"].max()) - 1)
     e, s = spread_clips(data.test["lengths"], length, n)
     return ClipSampler(data.test, length).clips(e, s)
 
@@ -289,10 +293,105 @@ def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=
     save_gif(path, vids, ["truth", "model", "other acts" if actions is None else "--actions"])
 
 
+# ----------------------------------------------------------------------------------------------
+# play inside the learned world
+
+class Player:
+    """The learned world as a game: it starts from a held-out context and generates one frame per key pressed.
+    Keys (left, right, up, down, space, none) map to actions through the checkpoint's spec (envs.py, keys)."""
+
+    def __init__(self, model, ck, device, seed=0, **sampling):
+        self.model, self.device, self.sampling = model, device, sampling
+        self.k = model.backbone.cfg.clip_len - 1
+        spec = ck["spec"]
+        self.keys = spec.get("keys") or keys_for(spec["n_actions"], None, spec["action_dim"])
+        self.starts = heldout_clips(ck, 16, self.k)
+        self.g, self.n = make_generator(device, seed), 0
+
+    def restart(self):
+        """A new held-out context (they take turns)."""
+        i = self.n % len(self.starts["frames"])
+        self.n += 1
+        self.frames = self.starts["frames"][i:i + 1].to(self.device)            # (1, k, C, S, S)
+        self.actions = self.starts["actions"][i:i + 1].to(self.device)          # (1, k[, A])
+        return to_uint8(self.frames[0, -1])
+
+    def step(self, key):
+        """One generated frame after pressing `key` -> (S, S, 3) uint8."""
+        if key not in self.keys:
+            raise UserError(f"unknown key '{key}': use {', '.join(KEYS)}")
+        a = torch.as_tensor(self.keys[key], dtype=self.actions.dtype, device=self.device)
+        self.actions = torch.cat([self.actions, a.expand((1, 1) + self.actions.shape[2:])], 1)[:, -(self.k + 1):]
+        new = rollout(self.model, self.frames[:, -self.k:], self.actions, generator=self.g, **self.sampling)
+        self.frames = torch.cat([self.frames, new], 1)[:, -self.k:]
+        return to_uint8(new[0, 0])
+
+
+def play_keys(player, keys, path, scale=4):
+    """Headless play: a scripted sequence of key names -> a GIF (the context frame, then one frame per key)."""
+    frames, labels = [player.restart()], ["start"]
+    for i, key in enumerate(keys):
+        frames.append(player.step(key))
+        labels.append(f"{i + 1} {key}")
+    from PIL import Image, ImageDraw
+    S = frames[0].shape[0] * scale
+    imgs = []
+    for f, lab in zip(frames, labels):
+        img = Image.new("RGB", (S, S + 12), (255, 255, 255))
+        img.paste(Image.fromarray(f).resize((S, S), Image.NEAREST), (0, 12))
+        ImageDraw.Draw(img).text((2, 0), lab, fill=(0, 0, 0))
+        imgs.append(img)
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=250, loop=0)
+    return frames
+
+
+def play_window(player):
+    """A matplotlib window driven by the keyboard: arrows and space act while held, r restarts from another held-out
+    context, q quits. The frame rate is in the title."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    if matplotlib.get_backend().lower() in ("agg", "pdf", "svg", "ps"):
+        raise UserError("no display for a window: play headless with --keys right,right,up,... --out play.gif")
+    for k in [k for k in plt.rcParams if k.startswith("keymap.")]:
+        plt.rcParams[k] = []                                                # the keys are the game's, not the figure's
+    fig, ax = plt.subplots(figsize=(5, 5.4))
+    im, held = ax.imshow(player.restart()), dict(key="none", quit=False)
+    ax.axis("off")
+    names = {"left": "left", "right": "right", "up": "up", "down": "down", " ": "space"}
+
+    def press(e):
+        if e.key in names:
+            held["key"] = names[e.key]
+        elif e.key == "r":
+            im.set_data(player.restart())
+        elif e.key in ("q", "escape"):
+            held["quit"] = True
+    fig.canvas.mpl_connect("key_press_event", press)
+    fig.canvas.mpl_connect("key_release_event", lambda e: held.update(key="none"))
+    t, fps = time.perf_counter(), 0.0
+    while plt.fignum_exists(fig.number) and not held["quit"]:
+        im.set_data(player.step(held["key"]))
+        now = time.perf_counter()
+        fps, t = 0.9 * fps + 0.1 / max(now - t, 1e-6), now
+        ax.set_title(f"{held['key']:>5s} | {fps:4.1f} frames/s\narrows / space: act, r: restart, q: quit", fontsize=9)
+        plt.pause(0.001)
+    plt.close(fig)
+
+
+def bench_play(player, frames=32):
+    """Frames per second of play (one generated frame per key press, batch 1), after 4 frames of warm-up."""
+    player.restart()
+    for key in ["right"] * 4:
+        player.step(key)
+    t = time.perf_counter()
+    for i in range(frames):
+        player.step(("left", "right", "none", "up")[i // 4 % 4])
+    return frames / (time.perf_counter() - t)
+
+
 def bench_cache(frames=16, batch=2, device="cpu"):
     """Time each new frame of a `frames`-frame rollout of a video GPT whose window holds the whole rollout
     (1 context frame + frames), with and without the KV cache. Untrained weights: the cost does not depend on them."""
-    import time
     from model import ARConfig
     with seeded(0):
         gpt = BACKBONES["ar"][0](ARConfig(clip_len=frames + 1))
@@ -327,6 +426,10 @@ def main():
     p.add_argument("--top_k", type=int, default=None, help="ar: sample from the k most likely codes (0: all; default: as trained)")
     p.add_argument("--actions", default="", help="drive the third column with these actions instead of another "
                    "episode's: ids like 4,4,1 (coin: 0 stay 1 up 2 down 3 left 4 right) or vectors like 1,0;0,-1 (pusher)")
+    p.add_argument("--play", action="store_true", help="play inside the learned world: a window driven by the arrows "
+                   "and space (r restarts, q quits); with --keys, headless, into the GIF --out")
+    p.add_argument("--keys", default="", help="--play: a scripted sequence of keys, e.g. right,right,up,space,none,left")
+    p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     a = p.parse_args()
@@ -341,6 +444,9 @@ def main():
         a.temperature = trained.get("temperature") or 0.0
     if a.top_k is None:
         a.top_k = trained.get("top_k") or 0
+    sampling = dict(steps=a.steps, temperature=a.temperature, top_k=a.top_k)
+    if a.play or a.bench_play:
+        return play(a, model, ck, device, why, sampling)
     L = ck["data"]["episode_len"] + 1 - model.backbone.cfg.clip_len
     if not 1 <= a.horizon <= L:
         raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")
@@ -349,6 +455,21 @@ def main():
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
     compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, steps=a.steps, temperature=a.temperature, top_k=a.top_k)
     print(f"wrote {a.out}: {a.n} held-out '{ck['data']['env']}' episodes, {a.horizon} frames ({why})")
+
+
+def play(a, model, ck, device, why, sampling):
+    player = Player(model, ck, device, a.seed, **sampling)
+    S = model.backbone.cfg.size
+    if a.bench_play:
+        print(f"play: {bench_play(player):.1f} frames/s ({S}x{S} frames, {sampling['steps']} Euler steps, {why})")
+    elif a.keys:
+        if not a.out.lower().endswith(".gif"):
+            raise UserError(f"--out should name a .gif file; got '{a.out}'")
+        keys = [k.strip() for k in a.keys.split(",") if k.strip()]
+        play_keys(player, keys, a.out)
+        print(f"wrote {a.out}: {len(keys)} frames played in '{ck['data']['env'] or 'the data'}' by keys ({why})")
+    else:
+        play_window(player)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import DataConfig, UserError, WORLDS, generate_episodes, locate_agent, make_world
+from envs import UserError, WORLDS, locate_agent, make_env
+from data import DataConfig, generate_episodes
 from model import ARConfig, DiT, DiTConfig, VideoGPT
 from adapter import WorldModel
 from loss import LOSSES, flow_matching_loss, motion_weights
@@ -74,7 +75,7 @@ def run(*args, cwd=None):
 
 @pytest.mark.parametrize("name", list(WORLDS))
 def test_world_is_deterministic_and_state_round_trips(name):
-    w1, w2 = make_world(name, num=3, seed=1), make_world(name, num=3, seed=1)
+    w1, w2 = make_env(name, num=3, seed=1), make_env(name, num=3, seed=1)
     o1, _ = w1.reset(); o2, _ = w2.reset()
     assert o1.dtype == np.uint8 and o1.shape == (3, 32, 32, 3) and np.array_equal(o1, o2)
     rng = np.random.default_rng(0)
@@ -92,7 +93,7 @@ def test_world_is_deterministic_and_state_round_trips(name):
 
 @pytest.mark.parametrize("name", list(WORLDS))
 def test_agent_position_is_readable_and_follows_actions(name):
-    w = make_world(name, num=4, size=64, seed=0)
+    w = make_env(name, num=4, size=64, seed=0)
     w.reset()
     right = np.full(4, 4) if w.discrete else np.tile([[1.0, 0.0]], (4, 1)).astype(np.float32)
     p0, f0 = locate_agent(w.render(), w.agent_size)
@@ -106,7 +107,7 @@ def test_agent_position_is_readable_and_follows_actions(name):
 
 
 def test_edges_are_antialiased_so_a_frame_fixes_sub_pixel_positions():
-    w = make_world("pusher", size=16)
+    w = make_env("pusher", size=16)
     img = np.zeros((1, 16, 16, 3), np.uint8)
     centre = np.array([[0.503, 0.271]])                                   # not on the pixel grid
     w._paint(img, centre, 0.18, (255, 255, 255))
@@ -120,14 +121,14 @@ def test_edges_are_antialiased_so_a_frame_fixes_sub_pixel_positions():
 
 
 def test_bad_actions_and_names_are_user_errors():
-    w = make_world("coin", num=2); w.reset()
+    w = make_env("coin", num=2); w.reset()
     with pytest.raises(UserError, match="shape"):
         w.step(np.zeros(3, int))
     with pytest.raises(UserError, match=r"\[0, 5\)"):
         w.step(np.array([0, 7]))
     with pytest.raises(UserError, match="unknown world"):
-        make_world("no_such_world")
-    p = make_world("pusher", num=2); p.reset()
+        make_env("no_such_world")
+    p = make_env("pusher", num=2); p.reset()
     with pytest.raises(UserError, match="size 2"):
         p.step(np.zeros((2, 3), np.float32))
 
@@ -621,11 +622,11 @@ def test_planner_in_the_true_simulator_beats_random_actions(name):
     from mbrl import MBRLConfig, mpc_policy, true_scores_of
     from data import play_episodes
     cfg = MBRLConfig(env=name, horizon=4, candidates=32, elites=4, cem_iters=2)
-    w = make_world(name, num=6, size=16, max_steps=16, seed=5)
+    w = make_env(name, num=6, size=16, max_steps=16, seed=5)
     rng = np.random.default_rng(0)
     R_rand = play_episodes(w, lambda o, t: w.random_action(rng), 16)["rewards"].sum(1).mean()
-    w = make_world(name, num=6, size=16, max_steps=16, seed=5)
-    sim = make_world(name, num=6, size=16)
+    w = make_env(name, num=6, size=16, max_steps=16, seed=5)
+    sim = make_env(name, num=6, size=16)
     spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
     act, times = mpc_policy(w, lambda o, p, c, g: true_scores_of(w, sim, c, cfg.gamma), spec, cfg,
                             torch.Generator().manual_seed(0))
@@ -641,10 +642,10 @@ def test_reward_head_learns_the_reward_from_a_frame_and_an_action(name):
     from data import ClipSampler, play_episodes, to_float
     torch.manual_seed(0)
     def episodes(seed):
-        w, rng = make_world(name, num=256, size=16, max_steps=16, seed=seed), np.random.default_rng(seed)
+        w, rng = make_env(name, num=256, size=16, max_steps=16, seed=seed), np.random.default_rng(seed)
         return play_episodes(w, lambda o, t: w.random_action(rng), 16)
     train, test = episodes(0), episodes(1)
-    w = make_world(name)
+    w = make_env(name)
     head = RewardHead(16, dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim))
     opt = torch.optim.AdamW(head.parameters(), 2e-3)
     pairs = ClipSampler(train, 2, seed=0)
@@ -690,13 +691,13 @@ def test_world_model_replay_keeps_one_priority_per_clip_in_buffer_order():
     from data import ClipSampler, play_episodes, to_float
     agent = Agent(MBRLConfig(env="pusher", width=32, depth=1, compile=False), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
     agent.one_step_error = lambda frames, actions: (frames[:, -1] + 1).mean((1, 2, 3))   # a known 'error': brightness
-    w, rng = make_world("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
+    w, rng = make_env("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
     buf = play_episodes(w, lambda o, t: w.random_action(rng), 8)
     agent.fit(buf, 30, 1)
     e, s = ClipSampler(buf, 2).every_clip()
     want = (to_float(buf["frames"][e, s + 1]) + 1).mean((1, 2, 3)).numpy() + agent.replay.eps
     assert len(e) == 4 * 7 and np.allclose(agent.replay.p, want, atol=1e-6)   # every clip drawn, in its own slot
-    more = play_episodes(make_world("pusher", num=2, size=16, seed=1), lambda o, t: w.random_action(rng)[:2], 8)
+    more = play_episodes(make_env("pusher", num=2, size=16, seed=1), lambda o, t: w.random_action(rng)[:2], 8)
     agent.fit(merge(buf, more), 0, 1)
     assert len(agent.replay.p) == 6 * 7 and np.all(agent.replay.p[28:] == want.max())
 
@@ -707,7 +708,7 @@ def test_agent_clone_is_independent():
     from data import play_episodes, to_float
     cfg = MBRLConfig(env="pusher", width=32, depth=1, compile=False)
     agent = Agent(cfg, dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
-    w, rng = make_world("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
+    w, rng = make_env("pusher", num=4, size=16, seed=0), np.random.default_rng(0)
     buf = play_episodes(w, lambda o, t: w.random_action(rng), 8)
     agent.fit(buf, 2, 1)
     twin = agent.clone()
@@ -724,7 +725,7 @@ def test_value_iters_0_plans_on_rewards_alone():
     """--value_iters 0 drops the terminal value from the score: an untrained value must not steer the plan."""
     from mbrl import Agent, MBRLConfig
     from data import to_float
-    w = make_world("pusher", num=2, size=16, seed=0)
+    w = make_env("pusher", num=2, size=16, seed=0)
     s, prev, cand = to_float(w.reset()[0]), torch.zeros(2, 2), torch.rand(2, 3, 2, 2) * 2 - 1
     for iters in (0, 150):
         agent = Agent(MBRLConfig(env="pusher", width=32, depth=1, value_iters=iters, compile=False), dict(discrete=False, n_actions=0, action_dim=2), "cpu", 0)
@@ -744,7 +745,7 @@ def test_value_is_trained_on_imagined_states():
     from mbrl import Agent, MBRLConfig, Priorities, replay_states
     from data import play_episodes
     for env in ("coin", "pusher"):
-        w, rng = make_world(env, num=4, size=16, seed=0), np.random.default_rng(0)
+        w, rng = make_env(env, num=4, size=16, seed=0), np.random.default_rng(0)
         spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
         buf = play_episodes(w, lambda o, t: w.random_action(rng), 6)
         states, prev = replay_states(buf)
@@ -784,7 +785,7 @@ def tiny_mbrl(env="pusher", **kw):
     from data import play_episodes
     cfg = MBRLConfig(env=env, width=32, depth=1, batch_size=8, rounds=2, episodes=2, update_iters=2, value_iters=2,
                      eval_episodes=2, candidates=8, elites=2, episode_len=6, compile=False, **kw)
-    w, rng = make_world(env, num=4, size=16, seed=0), np.random.default_rng(0)
+    w, rng = make_env(env, num=4, size=16, seed=0), np.random.default_rng(0)
     spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
     return cfg, spec, play_episodes(w, lambda o, t: w.random_action(rng), 6)
 
@@ -844,7 +845,7 @@ def test_planning_and_training_create_tensors_on_the_agent_device(env):
     states, prev = replay_states(buf)
     starts = Priorities(0.6, 0.4, 0)
     starts.grow(len(states))
-    w = make_world(env, num=2, size=16, seed=0)
+    w = make_env(env, num=2, size=16, seed=0)
     obs, _ = w.reset()
     with torch.device("meta"):
         act, _ = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g)
@@ -852,3 +853,132 @@ def test_planning_and_training_create_tensors_on_the_agent_device(env):
         assert np.isfinite(agent.value_update(starts, states, prev))
         assert np.isfinite(agent.fit(buf, 1, 1)[0])
     assert a.shape[0] == 2 and agent.g.device == agent.device
+
+
+# ----------------------------------------------------------------------------------------------
+# environments written by others, episodes on disk, play
+
+def game(module):
+    """Skip a test only when the optional game package is not installed (CI installs requirements-games.txt)."""
+    return pytest.importorskip(module, reason="pip install -r requirements-games.txt")
+
+
+@pytest.mark.parametrize("name", ["gym:CartPole-v1", "gym:MountainCarContinuous-v0", "gym:ALE/Breakout-v5",
+                                  "procgen:coinrun"])
+def test_games_step_render_and_restore_exactly(name):
+    """Every environment behind --env: frames of the size asked, actions of its own kind, and a replay from a
+    restored state that repeats the frames and rewards exactly (what the counterfactual measure and the true-simulator
+    planner rest on)."""
+    game("procgen" if name.startswith("procgen") else "ale_py" if "ALE" in name else "gymnasium")
+    env = make_env(name, num=3, size=32, max_steps=20, seed=1)
+    obs, _ = env.reset()
+    assert obs.shape == (3, 32, 32, 3) and obs.dtype == np.uint8
+    assert set(env.spec["keys"]) == {"left", "right", "up", "down", "space", "none"}
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        env.step(env.random_action(rng))
+    saved, acts = env.get_state(), [env.random_action(rng) for _ in range(6)]
+    first = [env.step(a)[:2] for a in acts]
+    env.set_state(saved)
+    again = [env.step(a)[:2] for a in acts]
+    assert all(np.array_equal(f, g) and np.array_equal(r, q) for (f, r), (g, q) in zip(first, again))
+    assert len({f.tobytes() for f, _ in first}) > 1
+
+
+def test_unknown_environments_and_missing_packages_are_one_line_errors():
+    with pytest.raises(UserError, match="unknown environment"):
+        make_env("no_such_world")
+    with pytest.raises(UserError, match="gym:"):
+        game("gymnasium")
+        make_env("gym:NoSuchGame-v0")
+
+
+@pytest.mark.parametrize("name", ["gym:CartPole-v1", "gym:MountainCarContinuous-v0"])
+def test_classic_control_trains_rolls_out_and_measures_control(tmp_path, name):
+    """A discrete and a continuous gymnasium game through the whole recipe with tiny budgets; the metrics carry the
+    counterfactual control keys, and the checkpoint rolls out."""
+    game("gymnasium")
+    r = run("train.py", "--env", name, "--out", str(tmp_path / "o"), "--data_dir", str(tmp_path / "d"),
+            "--max_iters", "2", "--episode_len", "12", "--clip_len", "2", "--patch", "8", *TINY_FLAGS,
+            "--size", "32", "--horizon", "6")                            # at 16 px a cart's push barely shows
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert {"control_psnr", "control_psnr_wrong", "control_pixels"} <= set(m) and "pos_err" not in m
+    assert 0 < m["control_pixels"] < 1 and np.isfinite(m["control_psnr"])
+    from sample import load_model
+    model, ck = load_model(str(tmp_path / "o" / "ckpt.pt"))
+    acts = torch.zeros((2, 4), dtype=torch.long) if ck["spec"]["discrete"] else torch.zeros(2, 4, ck["spec"]["action_dim"])
+    assert rollout(model, torch.zeros(2, 1, 3, 32, 32), acts).shape == (2, 3, 3, 32, 32)
+
+
+def test_a_model_blind_to_actions_scores_the_same_under_other_actions():
+    """control_psnr against control_psnr_wrong: equal for a model without an adapter (it cannot tell A from A')."""
+    from train import TrainConfig, control_eval
+    torch.manual_seed(0)
+    m = WorldModel(trained_backbone("dit"), "none", SPECS["coin"]).eval()
+    cfg = TrainConfig(env="coin", size=16, horizon=3, eval_clips=12, sample_steps=2, temperature=1.0, top_k=0)
+    c = control_eval(m, cfg, 1, torch.device("cpu"))
+    assert c["control_clips"] > 0 and 0 < c["control_pixels"] < 0.5
+    assert c["control_psnr"] == pytest.approx(c["control_psnr_wrong"], abs=1e-4)
+
+
+def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
+    from data import read_folder, write_folder
+    ep = generate_episodes(DataConfig(env="coin", size=16, episode_len=6), 5, seed=0)
+    spec = make_env("coin").spec
+    write_folder(str(tmp_path / "ok"), iter([ep]), "coin", 16, spec)
+    arrays, meta = read_folder(str(tmp_path / "ok"), labelled=True)
+    assert meta["env"] == "coin" and all(np.array_equal(arrays[k], ep[k]) for k in ep)
+    short = {k: v[:, :4 - (k != "frames")] if k != "lengths" else np.minimum(v, 4) for k, v in ep.items()}   # shorter
+    np.savez_compressed(tmp_path / "ok" / "shard_001.npz", **short)
+    arrays, _ = read_folder(str(tmp_path / "ok"), labelled=True, size=32)   # padded and resized
+    assert arrays["frames"].shape == (10, 7, 32, 32, 3) and (arrays["lengths"][5:] <= 4).all()
+    bad = [(dict(frames=np.zeros((10, 5))), "uint8"),
+           (dict(pixels=ep["frames"]), "no 'frames'"),
+           (dict(ep, actions=ep["actions"] + 7), "actions"),
+           (dict(ep, frames=ep["frames"][:, :, :8, :8]), "one frame size")]
+    for i, (arrays, match) in enumerate(bad):
+        d = tmp_path / f"bad{i}"
+        write_folder(str(d), iter([ep]), "coin", 16, spec)
+        np.savez_compressed(d / "shard_009.npz", **arrays)
+        with pytest.raises(UserError, match=match) as err:
+            read_folder(str(d), labelled=True)
+        assert "shard_009.npz" in str(err.value)
+    r = run("train.py", "--data", str(tmp_path / "bad0"), "--out", str(tmp_path / "o"), *TINY_FLAGS)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_recorded_folders_pretrain_and_finetune(tmp_path):
+    """python data.py --record writes the format; train.py pre-trains on an action-free folder and fine-tunes on a
+    labelled one (the paper's recipe, with two sources)."""
+    for name, extra in (("videos", ["--frames_only"]), ("labelled", [])):
+        r = run("data.py", "--record", "pusher", "--episodes", "12", "--size", "16", "--episode_len", "8",
+                "--out", str(tmp_path / name), *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "actions" not in np.load(tmp_path / "videos" / "shard_000.npz")
+    r = run("train.py", "--data", str(tmp_path / "labelled"), "--pretrain_data", str(tmp_path / "videos"),
+            "--out", str(tmp_path / "o"), "--max_iters", "2", *TINY_FLAGS)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert m["stages"] == ["pretrain", "finetune"] and "control_psnr" in m   # the folder says it came from pusher
+
+
+def test_play_follows_the_keys(tiny_run, tmp_path):
+    """Two key sequences from one context give different frames; --keys writes a GIF of one frame per key."""
+    from sample import Player, load_model
+    model, ck = load_model(str(tiny_run / "out" / "ckpt.pt"))
+    for layer in [model.backbone.out] + [g[-1] for g in model.adapter.g]:
+        torch.nn.init.normal_(layer.weight, std=0.1)                   # make the actions matter in a 3-step model
+    seqs = []
+    for keys in (["right"] * 4, ["left"] * 4):
+        p = Player(model, ck, torch.device("cpu"))
+        p.restart()
+        seqs.append(np.stack([p.step(k) for k in keys]))
+    assert seqs[0].shape == (4, 16, 16, 3) and not np.array_equal(seqs[0], seqs[1])
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--play", "--keys",
+            "right,right,up,space,none,left", "--out", str(tmp_path / "p.gif"), cwd=str(tiny_run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+    assert Image.open(tmp_path / "p.gif").n_frames == 7
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--bench_play", cwd=str(tiny_run))
+    assert r.returncode == 0 and re.search(r"[0-9.]+ frames/s", r.stdout), r.stderr[-2000:]

@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (ClipSampler, DataConfig, Stopped, UserError, locate_agent, load_corpus, make_world, run_cli,
-                  spread_clips, to_uint8, WORLDS)
+from envs import Stopped, UserError, keys_for, locate_agent, make_env, run_cli
+from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_meta, spread_clips, to_float, to_uint8
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
                    pick_device, seeded, tokenizer_flops)
 from adapter import ADAPTERS
@@ -47,13 +48,20 @@ def opt(default, help):
 @dataclass
 class TrainConfig:
     backbone: str = opt("dit", "the video backbone: " + ", ".join(BACKBONES))
-    env: str = opt("coin", "the built-in world: " + ", ".join(WORLDS))
+    env: str = opt("coin", "where the episodes come from: coin, pusher (built in), gym:<gymnasium id> (e.g. "
+                           "gym:ALE/Breakout-v5), procgen:<game> (e.g. procgen:coinrun)")
+    data: str = opt("", "a folder of labelled episodes to train on instead of --env (python data.py --record, or your "
+                        "own: the format is in `python data.py --help`)")
+    pretrain_data: str = opt("", "a folder of episodes whose frames pre-train the backbone (no actions needed; "
+                                 "default: the frames of --data, or generated in --env)")
     stage: str = opt("all", "pretrain | finetune | scratch | all (pretrain then finetune)")
     adapter: str = opt("film", "action conditioning: film (DWS) | input (input-level baseline) | none")
     freeze_backbone: bool = opt(False, "fine-tune the adapter only, the backbone frozen")
-    motion_weight: float = opt(0.0, "strength c of the motion-reinforced loss (0 turns it off; README: why 0)")
+    motion_weight: float = opt(None, "strength c of the motion-reinforced loss (0 turns it off; default: the preset's, "
+                                     "README: why 0 on the built-in worlds)")
     motion_temp: float = opt(0.05, "softmax temperature of the motion weights")
-    preset: str = opt("auto", "size preset: tiny (CPU) | gpu (one GPU) | auto (picked by device)")
+    preset: str = opt("auto", "size preset: tiny (CPU, built-in worlds) | games (CPU, 64x64 games) | gpu (one GPU) | "
+                              "auto (gpu on CUDA, else games for gym:/procgen:/64-px data, else tiny)")
     init_from: str = opt("", "a checkpoint whose backbone starts the finetune stage")
     tokenizer: str = opt("", "--backbone ar: reuse the tokenizer of this checkpoint (tokenizer.pt or any ar checkpoint) "
                              "instead of training one")
@@ -81,6 +89,8 @@ class TrainConfig:
     finetune_iters: int = opt(None, "iterations of the finetune / scratch stage")
     n_free: int = opt(None, "episodes in the action-free corpus")
     n_labelled: int = opt(None, "episodes in the action-labelled corpus")
+    episode_len: int = opt(None, "steps per generated episode")
+    frame_skip: int = opt(1, "gym: repeat each action this many frames (Atari's v5 games skip 4 already)")
     # --- the rest
     warmup: int = opt(100, "learning-rate warm-up iterations")
     min_lr_frac: float = opt(0.1, "cosine decay ends at lr * this")
@@ -99,10 +109,17 @@ class TrainConfig:
 
 PRESETS = {   # shared fields, then each backbone's own
     "tiny": dict(size=32, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3, n_free=1024, n_labelled=1536,
+                 episode_len=32, motion_weight=0.0,
                  dit=dict(patch=4, margin=4, pretrain_iters=1000, finetune_iters=2000, expect="about 12 min on a 2-core CPU"),
                  ar=dict(down=2, codes=512, reach=1, tokenizer_iters=2000, pretrain_iters=800, finetune_iters=3000,
                          temperature=0.0, top_k=0, expect="about 16 min on a 2-core CPU")),
+    "games": dict(size=64, width=128, depth=4, heads=4, clip_len=3, batch_size=32, lr=1e-3, n_free=512, n_labelled=768,
+                  episode_len=32, motion_weight=4.0,
+                  dit=dict(patch=8, margin=4, pretrain_iters=500, finetune_iters=1200, expect="about 18 min on a 2-core CPU"),
+                  ar=dict(down=3, codes=512, reach=1, tokenizer_iters=1000, pretrain_iters=400, finetune_iters=1200,
+                          temperature=0.0, top_k=0, expect="about 25 min on a 2-core CPU")),
     "gpu": dict(size=64, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4, n_free=8192, n_labelled=2048,
+                episode_len=32, motion_weight=0.0,
                 dit=dict(patch=4, margin=4, pretrain_iters=8000, finetune_iters=8000, expect="see README for the time on one GPU"),
                 ar=dict(down=2, codes=1024, reach=2, tokenizer_iters=5000, pretrain_iters=8000, finetune_iters=8000,
                         temperature=1.0, top_k=0, expect="see README for the time on one GPU")),
@@ -133,12 +150,17 @@ def resolve(cfg, device):
     """Check the names and fill the preset's fields; returns the expected-time note."""
     if cfg.backbone not in BACKBONES:
         raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
-    make_world(cfg.env)
+    if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
+        meta = read_meta(cfg.data) if os.path.isdir(cfg.data) else {}
+        cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
+    else:
+        make_env(cfg.env)
     if cfg.adapter not in ADAPTERS:
         raise UserError(f"unknown adapter '{cfg.adapter}': choose one of {', '.join(ADAPTERS)}")
     if cfg.stage not in ("pretrain", "finetune", "scratch", "all"):
         raise UserError(f"unknown stage '{cfg.stage}': choose pretrain, finetune, scratch or all")
-    name = cfg.preset if cfg.preset != "auto" else ("gpu" if device.type == "cuda" else "tiny")
+    game = ":" in cfg.env or (cfg.size or 0) >= 64
+    name = cfg.preset if cfg.preset != "auto" else "gpu" if device.type == "cuda" else "games" if game else "tiny"
     if name not in PRESETS:
         raise UserError(f"unknown preset '{cfg.preset}': choose one of auto, {', '.join(PRESETS)}")
     cfg.preset = name
@@ -203,16 +225,79 @@ def evaluate(model, cfg, data, device):
         runs[name] = rollout(model, x[:, :k], acts, generator=g, **sampling(cfg))
     runs["_copy_last"] = x[:, k - 1:k].expand_as(true)
     m = {}
-    agent = make_world(cfg.env).agent_size
+    env = make_env(cfg.env) if cfg.env else None                         # (a --data folder may not say where it came from)
     for name, pred in runs.items():
         m["psnr" + name] = psnr(pred, true).mean().item()
         m["ssim" + name] = ssim(pred.cpu(), true.cpu()).mean().item()
-        m["pos_err" + name], m["pos_missing" + name] = position_error(pred, true, agent)
+        if env is not None and env.agent_size:
+            m["pos_err" + name], m["pos_missing" + name] = position_error(pred, true, env.agent_size)
     if isinstance(model.backbone, VideoGPT):
         tok = model.backbone.tokenizer
         m["tokenizer_psnr"] = psnr(tok.decode(tok.encode(true)), true).mean().item()
+    if env is not None and env.restorable:
+        m.update(control_eval(model, cfg, k, device))
+    else:
+        m["control"] = "no simulator to restore: psnr - psnr_shuffled (the shuffled-actions gap) measures control"
     m.update(horizon=cfg.horizon, clips=len(x), episodes=len(set(e.tolist())), context=k, **sampling(cfg))
     return m
+
+
+def counterfactuals(cfg, k, n):
+    """n start states of cfg.env (seeds apart from the training corpora), reached by the behaviour policy, each with
+    its k context frames and the actions that led into them, two action sequences from there (A: the policy's own;
+    A': another start state's) and the true frames under each, from the same restored state.
+    -> context (n, k, S, S, 3) uint8, ctx_actions (n, k[, A]), A, A' (n, H[, A]), truth_A, truth_A' (n, H, S, S, 3)."""
+    dcfg = DataConfig(env=cfg.env, size=cfg.size, frame_skip=cfg.frame_skip)
+    env = make_env(cfg.env, num=n, size=cfg.size, max_steps=10 ** 6, seed=10 ** 6 + cfg.seed, frame_skip=cfg.frame_skip)
+    policy = behaviour_policy(env, dcfg, np.random.default_rng(10 ** 6 + cfg.seed))
+    obs, _ = env.reset()
+    frames, acts, ended = [obs], [], np.zeros(n, bool)
+    for t in range(k + 8):                                               # into the game, past its first frames
+        acts.append(policy(obs, t))
+        obs, _, term, _, _ = env.step(acts[-1])
+        frames.append(obs); ended |= term
+    start = env.get_state()
+    A, truth_A = [], []
+    for t in range(cfg.horizon):
+        A.append(policy(obs, t))
+        obs, *_ = env.step(A[-1]); truth_A.append(obs)
+    A = np.stack(A, 1)
+    A_other = np.roll(A, 1, 0)
+    env.set_state(start)
+    truth_B = np.stack([env.step(A_other[:, t])[0] for t in range(cfg.horizon)], 1)
+    keep = ~ended                                                        # an episode that ended has no future to compare
+    return (np.stack(frames[-k:], 1)[keep], np.stack(acts[-k:], 1)[keep], A[keep], A_other[keep],
+            np.stack(truth_A, 1)[keep], truth_B[keep])
+
+
+def masked_psnr(pred, true, mask):
+    """PSNR per clip over the pixels of mask: pred, true (B, H, C, S, S) in [-1, 1]; mask (B, H, S, S) -> (B,) dB."""
+    err = ((pred - true) / 2).pow(2).mean(2)                             # (B, H, S, S)
+    mse = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+    return -10 * torch.log10(mse.clamp(min=(0.5 / 255) ** 2))
+
+
+@torch.no_grad()
+def control_eval(model, cfg, k, device):
+    """Control where it happens, without a reserved colour (for environments that restore their state): from one
+    start state the true environment runs under actions A and under A' (counterfactuals); the pixels where the two
+    truths differ, widened by one pixel so that a one-pixel shift counts, are the ones the actions decide.
+        control_psnr        PSNR on those pixels, the model under A against the truth under A, and A' against A'
+        control_psnr_wrong  the same pixels, the model under A' against the truth under A, and A against A'
+        control_pixels      the mean fraction of pixels the actions decide
+    A model that ignores actions scores the same on both; the gap is control."""
+    ctx, ctx_a, A, A_other, truth_A, truth_B = counterfactuals(cfg, k, cfg.eval_clips)
+    x, tA, tB = (to_float(f, device) for f in (ctx, truth_A, truth_B))
+    tensor = lambda a: torch.as_tensor(a, device=device)
+    pred_A, pred_B = (rollout(model, x, torch.cat([tensor(ctx_a), tensor(acts)], 1), generator=make_generator(device, cfg.seed),
+                              **sampling(cfg)) for acts in (A, A_other))
+    diff = torch.as_tensor(np.abs(truth_A.astype(np.int16) - truth_B).max(-1) > 8, device=device).float()   # (n, H, S, S)
+    mask = F.max_pool2d(diff.flatten(0, 1)[:, None], 3, 1, 1)[:, 0].view(diff.shape)
+    some = mask.flatten(1).sum(1) > 0                                    # clips where the actions changed anything
+    right = (masked_psnr(pred_A, tA, mask) + masked_psnr(pred_B, tB, mask)) / 2
+    wrong = (masked_psnr(pred_B, tA, mask) + masked_psnr(pred_A, tB, mask)) / 2
+    return dict(control_psnr=right[some].mean().item(), control_psnr_wrong=wrong[some].mean().item(),
+                control_pixels=mask.mean().item(), control_clips=int(some.sum()))
 
 
 def sampling(cfg):
@@ -595,17 +680,32 @@ def plan_stages(cfg):
 
 def describe(cfg, init, tok_from):
     """What every checkpoint of this run records: backbone, its config, the action spec and the data config."""
-    world = make_world(cfg.env)
-    spec = dict(discrete=world.discrete, n_actions=world.n_actions, action_dim=world.action_dim)
+    spec = action_spec(cfg)
     margs = {f.name: getattr(cfg, f.name) for f in fields(BACKBONES[cfg.backbone][1]) if getattr(cfg, f.name, None) is not None}
     if tok_from is not None:
         tok_args = ("size", "channels", "down", "codes", "code_dim", "tok_width")
         margs.update({k: v for k, v in tok_from["model_args"].items() if k in tok_args})
     if init is not None:
         margs = init["model_args"]
-    dcfg = DataConfig(env=cfg.env, size=margs["size"], n_free=cfg.n_free, n_labelled=cfg.n_labelled, seed=cfg.seed,
-                      data_dir=cfg.data_dir)
+    dcfg = DataConfig(env=cfg.env, size=margs["size"], episode_len=cfg.episode_len, n_free=cfg.n_free,
+                      n_labelled=cfg.n_labelled, frame_skip=cfg.frame_skip, seed=cfg.seed, data_dir=cfg.data_dir,
+                      folder=os.path.abspath(cfg.data) if cfg.data else "",
+                      free_folder=os.path.abspath(cfg.pretrain_data) if cfg.pretrain_data else "")
     return dict(backbone=cfg.backbone, model_args=margs, spec=spec, data=asdict(dcfg))
+
+
+def action_spec(cfg):
+    """The action space the adapter is built for (with the keys that play it): the environment's, or the one in
+    the meta.json of the --data folder (a frames-only run has none and needs none)."""
+    if not cfg.data:
+        return make_env(cfg.env).spec
+    spec = read_meta(cfg.data).get("spec")
+    if spec is None:
+        if cfg.stage != "pretrain":
+            raise UserError(f"{cfg.data} holds no action spec (meta.json): fine-tuning needs labelled episodes; a folder "
+                            f"of videos pre-trains (--pretrain_data, or --stage pretrain)")
+        return dict(discrete=True, n_actions=1, action_dim=0, keys={})
+    return dict(spec, keys=spec.get("keys") or keys_for(spec["n_actions"], None, spec["action_dim"]))
 
 
 def resumable(cfg, path):
@@ -643,6 +743,21 @@ def run_stages(cfg, stages, files, desc, init, tok, device, amp, dist, log):
     return ck
 
 
+def summary(m):
+    """The metrics as one line a person reads."""
+    line = (f"psnr {m['psnr']:.2f} dB (shuffled actions {m['psnr_shuffled']:.2f}, copy-last {m['psnr_copy_last']:.2f}) "
+            f"| ssim {m['ssim']:.3f}")
+    if "pos_err" in m:
+        line += (f" | pos_err {m['pos_err']:.2f} px (shuffled {m['pos_err_shuffled']:.2f}, copy-last "
+                 f"{m['pos_err_copy_last']:.2f}, missing {m['pos_missing']:.1%})")
+    if "control_psnr" in m:
+        line += (f" | control_psnr {m['control_psnr']:.2f} dB, other actions {m['control_psnr_wrong']:.2f} (gap "
+                 f"{m['control_psnr'] - m['control_psnr_wrong']:.2f}) on {m['control_pixels']:.1%} of the pixels")
+    else:
+        line += f" | {m['control']}"
+    return line + f" | {m['clips']} clips from {m['episodes']} held-out episodes"
+
+
 def report(ck, cfg, device, why, stages, t0, log):
     """Evaluate the final EMA weights on held-out episodes; write metrics.json and rollout.gif."""
     model = build_model(ck).to(device)
@@ -656,10 +771,7 @@ def report(ck, cfg, device, why, stages, t0, log):
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
     compare_gif(model, ck, os.path.join(cfg.out, "rollout.gif"), device=device, **sampling(cfg))
-    log(f"psnr {m['psnr']:.2f} dB (shuffled actions {m['psnr_shuffled']:.2f}, copy-last {m['psnr_copy_last']:.2f}) | "
-        f"ssim {m['ssim']:.3f} | pos_err {m['pos_err']:.2f} px (shuffled {m['pos_err_shuffled']:.2f}, "
-        f"copy-last {m['pos_err_copy_last']:.2f}) | missing {m['pos_missing']:.1%} | {m['clips']} clips from "
-        f"{m['episodes']} held-out episodes")
+    log(summary(m))
     log(f"wrote {cfg.out}/metrics.json and {cfg.out}/rollout.gif in {m['train_seconds'] / 60:.1f} min")
     return m
 
