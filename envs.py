@@ -99,6 +99,12 @@ class Env:
             return rng.integers(0, self.n_actions, self.num)
         return rng.uniform(-1, 1, (self.num, self.action_dim)).astype(np.float32)
 
+    def tile(self, state, n):
+        """A state of n times as many copies, each copy repeated n times in a row (a planner's candidates)."""
+        rep = lambda v: [x for x in v for _ in range(n)] if isinstance(v, list) else \
+            np.repeat(v, n, 0) if isinstance(v, np.ndarray) else v
+        return {k: (v if k == "rng" else rep(v)) for k, v in state.items()}
+
 
 # ----------------------------------------------------------------------------------------------
 # the built-in worlds
@@ -358,14 +364,19 @@ class GymEnv(Env):
         self.seed = seed
 
     def _make(self):
+        """One more copy, reset once (gymnasium refuses a step before a reset, even into a restored state)."""
         try:
-            return self.gym.make(self.id, render_mode="rgb_array", **self.kw)
+            env = self.gym.make(self.id, render_mode="rgb_array", **self.kw)
         except self.gym.error.Error as e:
             raise UserError(f"gym:{self.id}: {str(e).splitlines()[0][:200]}; "
                             f"the id is a gymnasium id, e.g. gym:CartPole-v1, gym:ALE/Breakout-v5") from None
+        env.reset(seed=len(getattr(self, "envs", [])))
+        return env
 
     def _frame(self, env, obs):
         return obs if self.image_obs else env.render()
+
+    draw = True          # False: steps skip drawing (a planner that only needs rewards), frames stay as they were
 
     def reset(self, seed=None):
         self.seed = self.seed if seed is None else seed
@@ -387,7 +398,8 @@ class GymEnv(Env):
                 if term or trunc:
                     ended[i] = True
                     break
-            self.last[i] = resize(self._frame(e, obs)[None], self.size)[0]
+            if self.draw:
+                self.last[i] = resize(self._frame(e, obs)[None], self.size)[0]
         self.done, self.t = ended, self.t + 1
         return self.last.copy(), reward, ended & ~was, np.full(self.num, self.t >= self.max_steps), {}
 
@@ -415,7 +427,6 @@ class GymEnv(Env):
         n = len(state["envs"])
         while len(self.envs) < n:                                             # more copies asked for: make them
             self.envs.append(self._make())
-            self.envs[-1].reset(seed=self.seed + len(self.envs))
         self.envs, self.num = self.envs[:n], n
         for e, snap in zip(self.envs, state["envs"]):
             self._restore(e, snap)
@@ -462,7 +473,7 @@ class ProcgenEnv(Env):
         return self.last.copy(), reward, ended, np.full(self.num, self.t >= self.max_steps), {}
 
     def get_state(self):
-        return dict(env=self.env.get_state(), last=self.last.copy(), done=self.done.copy(), t=self.t)
+        return dict(env=list(self.env.get_state()), last=self.last.copy(), done=self.done.copy(), t=self.t)
 
     def set_state(self, state):
         if len(state["env"]) != self.num:                                    # another number of worlds: a new batch

@@ -67,7 +67,7 @@ from train import opt, parse_config, save_checkpoint
 
 @dataclass
 class MBRLConfig:
-    env: str = opt("coin", "the built-in world: " + ", ".join(WORLDS))
+    env: str = opt("coin", "coin, pusher (built in), gym:<id> (e.g. gym:CartPole-v1), procgen:<game>")
     backbone: str = opt("dit", "world-model backbone: " + ", ".join(BACKBONES) + " (ignored with --init_from)")
     imagination: str = opt("prioritized", "start states of imagined rollouts: prioritized | uniform | both")
     seeds: int = opt(1, "independent runs (seeds 0..N-1): curves show their mean and spread")
@@ -76,8 +76,10 @@ class MBRLConfig:
     device: str = opt("auto", "auto | cpu | cuda")
     compile: bool = opt(True, "torch.compile the world model for planning (about a minute of compiling, then ~1.6x faster "
                               "decisions on a 2-core CPU)")
-    # the world model (a small DiT at 16 px unless --init_from)
-    size: int = opt(16, "frame size in pixels")
+    # the world model (a small DiT unless --init_from)
+    size: int = opt(None, "frame size in pixels (default: 16 for the built-in worlds, 32 for games)")
+    context: int = opt(None, "frames the world model sees before each new one (default: 1 for the built-in worlds, "
+                             "2 for games, which are not Markov in one frame)")
     width: int = opt(96, "world-model width")
     depth: int = opt(3, "world-model blocks")
     # data and training
@@ -108,6 +110,13 @@ class MBRLConfig:
     eval_every: int = opt(4, "evaluate after the first fit, every this many rounds, and at the end (1: every round)")
     bench: int = opt(0, "N > 0: only time N MPC decisions for one world in the learned model (untrained weights) "
                         "at --candidates x --horizon, print the median and exit")
+
+    def __post_init__(self):
+        """The frame size and context that depend on the environment (or on the --init_from checkpoint)."""
+        init = read_checkpoint(self.init_from)["model_args"] if self.init_from else None
+        game = ":" in self.env
+        self.size = self.size or (init["size"] if init else 32 if game else 16)
+        self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,8 +226,8 @@ def true_scores(world, cand, gamma):
     """The oracle's score: the discounted true return of each candidate, from copies of the world's state."""
     saved = world.get_state()
     B, N, H = cand.shape[:3]
-    tiled = {k: (np.repeat(v, N, 0) if k != "rng" else v) for k, v in saved.items()}
-    world.set_state(tiled)
+    world.set_state(world.tile(saved, N))
+    world.draw = False                                                    # rewards alone are needed (games skip drawing)
     total, alive = np.zeros(B * N), np.ones(B * N)
     acts = cand.flatten(0, 1).cpu().numpy()
     for h in range(H):
@@ -226,6 +235,7 @@ def true_scores(world, cand, gamma):
         total += gamma ** h * alive * r
         alive *= 1 - term
     world.set_state(saved)
+    world.draw = True
     return torch.from_numpy(total).view(B, N).float()
 
 
@@ -242,9 +252,9 @@ def new_world_model(cfg, spec, device):
             raise UserError(f"--init_from {cfg.init_from} has no action adapter: pass a finetune/scratch checkpoint")
         return wm.train(), ck["backbone"], ck["model_args"]
     cls, mcls = BACKBONES[cfg.backbone]
-    kw = dict(size=cfg.size, width=cfg.width, depth=cfg.depth, heads=4, clip_len=2)
+    kw = dict(size=cfg.size, width=cfg.width, depth=cfg.depth, heads=4, clip_len=cfg.context + 1)
     if cfg.backbone == "dit":
-        kw.update(patch=4, margin=4)
+        kw.update(patch=cfg.size // 4, margin=4)                           # 16 tokens a frame
     return WorldModel(cls(mcls(**kw)), "film", spec).to(device), cfg.backbone, asdict(mcls(**kw))
 
 
@@ -329,14 +339,16 @@ class Agent:
     # --- imagination
     @torch.no_grad()
     def imagine(self, s, prev_action, cand, g):
-        """Roll the learned simulator from frames s (B, C, S, S) under candidates (B, N, H[, A]), noise from g.
-        Returns the model's discounted rewards (B, N), the last frames' alive-weighted discount (B, N),
-        and the generated frames (B*N, H, C, S, S)."""
+        """Roll the learned simulator from k context frames s (B, k, C, S, S), led into by prev_action (B, k[, A]),
+        under candidates (B, N, H[, A]), noise from g. Returns the model's discounted rewards (B, N), the last frames'
+        alive-weighted discount (B, N), and the generated frames (B*N, H, C, S, S)."""
         B, N, H = cand.shape[:3]
-        first = prev_action.to(self.device)[:, None].expand(B, N, *prev_action.shape[1:])
-        acts = torch.cat([first.reshape(B * N, 1, *prev_action.shape[1:]), cand.to(self.device).flatten(0, 1)], 1)
+        own = prev_action.to(self.device).repeat_interleave(N, 0)             # (B*N, k[, A]): the context's actions
+        acts = torch.cat([own, cand.to(self.device).flatten(0, 1)], 1)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):   # s: one context per world
-            frames = rollout(self.plan_wm, s[:, None], acts, steps=self.cfg.plan_steps, temperature=0.0, generator=g).float()
+            frames = rollout(self.plan_wm, s, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=g).float()
+        k, s = s.shape[1], s[:, -1]                                           # rewards are read at the current frame
+        acts = acts[:, k - 1:]                                                # (B*N, 1 + H): a_h from h = 0
         points = self.reward.keypoints(torch.cat([s, frames[:, :-1].flatten(0, 1)]))     # s_0 once per world, then s_1..
         points = torch.cat([points[:B].repeat_interleave(N, 0)[:, None], points[B:].view(B * N, H - 1, points.shape[1])], 1)
         r, end = self.reward(None, acts[:, 1:].flatten(0, 1), points.flatten(0, 1))       # r(s_h, a_h), h < H
@@ -356,7 +368,7 @@ class Agent:
         return ret + tail * self.value(frames[:, -1]).view(ret.shape)
 
     def plan_scores(self, obs, prev_action, cand, g):
-        """score() from raw observations (N, S, S, 3) uint8."""
+        """score() from raw observations: the last k frames of each world (N, k, S, S, 3) uint8."""
         return self.score(to_float(obs, self.device), prev_action, cand, g)
 
     # --- the value, by TD in imagination
@@ -369,25 +381,27 @@ class Agent:
         return a
 
     def td_error(self, s, prev):
-        """target - V(s) at frames s (B, C, S, S), the target a one-step greedy lookahead in the model:
+        """target - V(s) at states s (B, k, C, S, S) (V reads the last frame), the target a one-step greedy lookahead:
             target = max_a [ r_hat(s, a) + gamma alive(s, a) V'(s') ],   s' the model's next frame, V' the target net."""
         with torch.no_grad():
             a = self.lookahead_actions(len(s))                                 # (B, K[, A])
             ret, tail, frames = self.imagine(s, prev, a[:, :, None], self.g)   # one step per action
             target = (ret + tail * self.target(frames[:, -1]).view(ret.shape)).max(1).values
-        return target - self.value(s)
+        return target - self.value(s[:, -1])
 
     @torch.no_grad()
     def walk(self, s, prev):
-        """Each frame of s (B, C, S, S) walked d ~ U{0..D} random steps in the model (D = --imagine_horizon):
-        the state reached and the action that led into it."""
-        B, D = len(s), self.cfg.imagine_horizon
+        """Each state s (B, k, C, S, S) walked d ~ U{0..D} random steps in the model (D = --imagine_horizon):
+        the state reached (its last k frames) and the actions that led into them."""
+        B, D, k = len(s), self.cfg.imagine_horizon, s.shape[1]
         if D == 0:
             return s, prev
         steps = random_actions(self.spec, (B, 1, D), self.g)                  # one random action sequence per state
         _, _, frames = self.imagine(s, prev, steps, self.g)                   # (B, D, C, S, S)
-        d, rows = torch.randint(0, D + 1, (B,), generator=self.g, device=self.device), torch.arange(B, device=self.device)
-        return torch.cat([s[:, None], frames], 1)[rows, d], torch.cat([prev[:, None], steps[:, 0]], 1)[rows, d]
+        d = torch.randint(0, D + 1, (B,), generator=self.g, device=self.device)
+        window = d[:, None] + torch.arange(k, device=self.device)             # (B, k) positions in the walk
+        rows = torch.arange(B, device=self.device)[:, None]
+        return torch.cat([s, frames], 1)[rows, window], torch.cat([prev, steps[:, 0]], 1)[rows, window]
 
     def value_update(self, starts, states, prev_actions):
         """One TD update of V in imagination, from replay states j drawn by `starts` (Priorities).
@@ -445,30 +459,35 @@ def merge(buffer, eps):
     return {k: np.concatenate([buffer[k], eps[k]]) for k in buffer}
 
 
-def replay_states(buffer):
-    """Every real frame of the buffer that starts a transition, as the value function's replay states,
-    with the action that led into it (zeros at an episode's start)."""
+def replay_states(buffer, k=1):
+    """Every real frame of the buffer that starts a transition, with the k - 1 frames before it, as the value
+    function's replay states (N, k, C, S, S), and the actions that led into them (N, k[, A]). Before an episode's
+    first frame, the first frame repeats and the actions are zeros."""
     e, t = np.nonzero(np.arange(buffer["frames"].shape[1] - 1)[None] < (buffer["lengths"] - 1)[:, None])
-    prev = np.where((t > 0).reshape((-1,) + (1,) * (buffer["actions"].ndim - 2)), buffer["actions"][e, np.maximum(t - 1, 0)], 0)
-    return to_float(buffer["frames"][e, t]), torch.from_numpy(prev)
+    when = t[:, None] - k + 1 + np.arange(k)                                  # (N, k) the frames of each state
+    a = buffer["actions"][e[:, None], np.maximum(when - 1, 0)]
+    prev = np.where((when > 0).reshape(when.shape + (1,) * (a.ndim - 2)), a, 0)
+    return to_float(buffer["frames"][e[:, None], np.maximum(when, 0)]), torch.from_numpy(prev)
 
 
 def mpc_policy(world, plan_scores, spec, cfg, g, explore=0.0, rng=None):
-    """A policy for play_episodes: CEM on plan_scores(obs, prev_action, cand, g), with probability `explore` a random
-    action instead (drawn from the numpy rng). Returns the policy and the list its decision times go to."""
-    cem = CEM(spec, world.num, cfg, g)
-    prev = torch.zeros((world.num,) if spec["discrete"] else (world.num, spec["action_dim"]), device="cpu",
+    """A policy for play_episodes: CEM on plan_scores(the last k frames, the actions into them, cand, g), with
+    probability `explore` a random action instead (drawn from the numpy rng). Before an episode has k frames the
+    first one repeats. Returns the policy and the list its decision times go to."""
+    cem, k = CEM(spec, world.num, cfg, g), cfg.context
+    prev = torch.zeros((world.num, k) if spec["discrete"] else (world.num, k, spec["action_dim"]), device="cpu",
                        dtype=torch.long if spec["discrete"] else torch.float32)                  # as the world gives it
-    times = []
+    seen, times = [], []
 
     def act(obs, t):
-        nonlocal prev
+        nonlocal prev, seen
+        seen = ([obs] * k if t == 0 else seen + [obs])[-k:]
         t0 = time.time()
-        a = cem.plan(lambda cand: plan_scores(obs, prev, cand, g)).cpu().numpy()
+        a = cem.plan(lambda cand: plan_scores(np.stack(seen, 1), prev, cand, g)).cpu().numpy()
         times.append(time.time() - t0)
         if explore > 0:
             a = np.where((rng.random(world.num) < explore).reshape((-1,) + (1,) * (a.ndim - 1)), world.random_action(rng), a)
-        prev = torch.as_tensor(a)
+        prev = torch.cat([prev[:, 1:], torch.as_tensor(a)[:, None]], 1)
         return a
     return act, times
 
@@ -524,7 +543,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
         if iters:
             wl, rl = agent.fit(buffer, iters, rng_seed=int(rng.integers(1 << 30)))
             msg = f"world-model loss {wl:.4f} | reward loss {rl:.4f} | "
-        states, prev = replay_states(buffer)
+        states, prev = replay_states(buffer, cfg.context)
         starts.grow(len(states) - len(starts.p))
         vl = [agent.value_update(starts, states, prev) for _ in range(cfg.value_iters)]
         log(f"[{kind} seed {seed}] {msg}{f'value TD loss {np.mean(vl):.4f}' if vl else 'no value'} | {len(states)} replay states")
@@ -619,7 +638,7 @@ def main(cfg):
         raise UserError("need --seeds >= 1, --rounds >= 0, --eval_every >= 1 and --elites <= --candidates")
     device, _, why = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
-    spec = dict(discrete=world.discrete, n_actions=world.n_actions, action_dim=world.action_dim)
+    spec = world.spec
     logf = open(os.path.join(cfg.out, "mbrl.log"), "a")
 
     def log(msg):
@@ -633,14 +652,13 @@ def main(cfg):
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
     bar = tqdm(total=cfg.seeds * len(kinds[cfg.imagination]) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
     dec = []
-    size = read_checkpoint(cfg.init_from)["model_args"]["size"] if cfg.init_from else cfg.size   # the worlds' frame size
     for seed in range(cfg.seeds):
         for kind, (curve, times, wall) in run_seed(cfg, seed, kinds[cfg.imagination], spec, device, log, bar).items():
             m = methods[f"model_mpc_{kind}"]
             m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
             m["final"].append(curve[-1][1]); m["wall_s"].append(round(wall, 1))
             dec.extend(times)
-        R_rand, R_orc, t_orc = baselines(cfg, seed, spec, size)
+        R_rand, R_orc, t_orc = baselines(cfg, seed, spec, cfg.size)
         base["random"]["final"].append(R_rand); base["oracle_mpc"]["final"].append(R_orc)
         base["oracle_mpc"]["decision_ms"].append(round(1000 * t_orc, 1))
         log(f"[seed {seed}] random {R_rand:.3f} | MPC in the true simulator {R_orc:.3f}")

@@ -1,0 +1,209 @@
+"""bench.py — how fast each part runs, against what this machine can do.
+
+    python bench.py              # the table for the CPU preset (the GPU preset too on CUDA); JSON in bench.json
+    python bench.py --curves     # also cost curves as PNG: training cost against clip length, rollout ms per frame
+                                 # against the frame's position (with and without caching), MPC time against candidates
+
+Every rate is set against a peak measured in the same run, on the same device, in the same dtype: a large matmul
+(2048^3 fp32 on a CPU, 8192^3 bf16 on CUDA). So "% of peak" means the same on a laptop, a 2-core CPU and an H100.
+On CUDA the MFU against the device's nominal dense bf16 peak (model.peak_flops) is shown too. Weights are untrained:
+the cost of a step does not depend on them. Last in the data flow: it imports every other file.
+"""
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+import torch
+
+from envs import make_env
+from model import BACKBONES, forward_flops, make_generator, peak_flops, pick_device, seeded, tokenizer_flops
+from adapter import WorldModel
+from loss import LOSSES, NOISE
+from sample import rollout
+from train import PRESETS, make_optimizer
+from mbrl import Agent, MBRLConfig, mpc_policy
+
+SPEC = make_env("coin").spec                                                # discrete actions, 5 of them
+
+
+def timed(fn, device, repeat, warmup=2):
+    """Median seconds of fn() over `repeat` calls after `warmup` calls, the device synchronised around each."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(); t = time.perf_counter(); fn(); sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of a large square matmul: what this device reaches on the work it does best."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeat=5)
+
+
+def preset_model(kind, preset, device, clip_len=None):
+    """A world model (film adapter) at a preset's size."""
+    p = {k: v for k, v in PRESETS[preset].items() if not isinstance(v, dict)} | PRESETS[preset][kind]
+    cls, mcls = BACKBONES[kind]
+    args = {f: p[f] for f in mcls.__dataclass_fields__ if f in p} | ({"clip_len": clip_len} if clip_len else {})
+    with seeded(0):
+        return WorldModel(cls(mcls(**args)), "film", SPEC).to(device), p
+
+
+def train_step(kind, preset, device, amp, clip_len=None, repeat=5):
+    """One training iteration (forward, backward, AdamW) at the preset's batch -> (seconds, frames, tokens, FLOPs)."""
+    model, p = preset_model(kind, preset, device, clip_len)
+    bb, B = model.backbone, p["batch_size"]
+    T = bb.cfg.clip_len
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt, g = make_optimizer(params, argparse.Namespace(weight_decay=0.01, lr=1e-4), device), make_generator(device, 0)
+    fwd = torch.compile(model) if device.type == "cuda" else model
+    x = torch.rand(B, T, 3, bb.cfg.size, bb.cfg.size, device=device, generator=g) * 2 - 1
+    a = torch.randint(0, SPEC["n_actions"], (B, T), device=device, generator=g)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = LOSSES[kind](fwd, x, a, 0.0, cell=bb.cell, noise=NOISE[kind](x.shape, device, g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = timed(step, device, repeat, warmup=3)
+    flops = 3 * forward_flops(bb, T) * B + (tokenizer_flops(bb.tokenizer, B * T * bb.n_tok) if kind == "ar" else 0)
+    return seconds, B * T, B * T * bb.n_tok, flops
+
+
+def rollout_rate(kind, preset, device, batch, frames=8, use_cache=True):
+    """Frames per second of a rollout of `frames` frames for `batch` worlds at once (default sampler: 4 Euler steps
+    for the DiT, greedy codes for the GPT)."""
+    model, p = preset_model(kind, preset, device)
+    model.eval()
+    k, S = model.backbone.cfg.clip_len - 1, model.backbone.cfg.size
+    ctx = torch.zeros(batch, k, 3, S, S, device=device)
+    acts = torch.zeros(batch, k + frames, dtype=torch.long, device=device)
+    go = lambda: rollout(model, ctx, acts, temperature=0.0, use_cache=use_cache)
+    return batch * frames / timed(go, device, repeat=2, warmup=1)
+
+
+def mpc_decision(device, candidates, horizon, repeat=3, compile=True):
+    """Seconds of one MPC decision for one world (mbrl.py's planner, defaults otherwise)."""
+    cfg = MBRLConfig(candidates=candidates, horizon=horizon, compile=compile)
+    agent = Agent(cfg, SPEC, device, seed=0)
+    w = make_env("coin", num=1, size=agent.size, seed=0)
+    obs, _ = w.reset()
+    act, _ = mpc_policy(w, agent.plan_scores, SPEC, cfg, agent.g)
+    return timed(lambda: act(obs, 0), device, repeat=repeat, warmup=2)
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                # Linux: KiB
+
+
+def table(device, why):
+    """Every measurement of one run -> rows for the table and the JSON."""
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    peak = matmul_peak(device, amp or torch.float32)
+    nominal, nominal_name = peak_flops(device)
+    rows = dict(device=why, matmul_peak_gflops=round(peak / 1e9, 1), nominal=nominal_name, runs={})
+    presets = ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
+    for preset in presets:
+        for kind in BACKBONES:
+            s, frames, tokens, flops = train_step(kind, preset, device, amp)
+            r = dict(train_ms=round(1000 * s, 1), frames_per_s=round(frames / s, 1), tokens_per_s=round(tokens / s),
+                     gflops=round(flops / s / 1e9, 1), pct_of_peak=round(100 * flops / s / peak, 1))
+            if nominal:
+                r["mfu"] = round(100 * flops / s / nominal, 1)
+            r["rollout_fps_b1"] = round(rollout_rate(kind, preset, device, 1), 1)
+            r["rollout_fps_b32"] = round(rollout_rate(kind, preset, device, 32), 1)
+            if kind == "dit":
+                r["rollout_fps_b1_nocache"] = round(rollout_rate(kind, preset, device, 1, use_cache=False), 1)
+            r["play_fps"] = round(rollout_rate(kind, preset, device, 1, frames=1, use_cache=True), 1)
+            rows["runs"][f"{kind}/{preset}"] = r
+            print(f"  {kind}/{preset}: {r}", flush=True)
+    rows["mpc_ms_default"] = round(1000 * mpc_decision(device, 32, 5), 1)
+    rows["mpc_ms_256x8"] = round(1000 * mpc_decision(device, 256, 8, repeat=2), 1)
+    rows["peak_memory_mb"] = round(peak_memory(device), 1)
+    return rows
+
+
+def show(rows):
+    cols = ["train_ms", "frames_per_s", "tokens_per_s", "gflops", "pct_of_peak"] + (["mfu"] if rows["nominal"] else []) + \
+           ["rollout_fps_b1", "rollout_fps_b1_nocache", "rollout_fps_b32", "play_fps"]
+    print(f"\n{rows['device']} | matmul peak {rows['matmul_peak_gflops']} GFLOP/s (measured) | {rows['nominal']}")
+    print(f"{'model/preset':14s}" + "".join(f"{c:>{max(len(c), 8) + 2}s}" for c in cols))
+    for name, r in rows["runs"].items():
+        print(f"{name:14s}" + "".join(f"{r.get(c, '-')!s:>{max(len(c), 8) + 2}s}" for c in cols))
+    print(f"one MPC decision (one world, mbrl.py defaults, 32 candidates x horizon 5): {rows['mpc_ms_default']} ms | "
+          f"256 candidates x horizon 8: {rows['mpc_ms_256x8']} ms | peak memory {rows['peak_memory_mb']} MB")
+
+
+def curves(device, path):
+    """Three cost curves as one PNG (see the module docstring)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    lens = [2, 3, 4, 6]
+    for kind in BACKBONES:
+        ms = [1000 * (lambda s, frames, *_: s / frames)(*train_step(kind, "tiny", device, None, clip_len=T, repeat=3))
+              for T in lens]
+        ax[0].plot(lens, ms, "o-", label=kind)
+    ax[0].set(xlabel="clip length (frames)", ylabel="training ms per frame", title="training cost per frame")
+    for kind in BACKBONES:
+        for cache in (True, False):
+            ms = position_costs(kind, device, cache)
+            ax[1].plot(range(2, len(ms) + 2), ms, "o-" if cache else "x--", label=f"{kind}, {'cache' if cache else 'no cache'}")
+    ax[1].set(xlabel="frame position in the window", ylabel="ms per new frame (batch 1)", title="rollout cost per frame")
+    cands = [16, 32, 64, 128, 256]
+    ax[2].plot(cands, [1000 * mpc_decision(device, n, 5, repeat=2) for n in cands], "o-")
+    ax[2].set(xlabel="candidates", ylabel="ms per decision (one world)", title="MPC decision time (horizon 5)")
+    for a in ax:
+        a.grid(alpha=0.3)
+    ax[0].legend(); ax[1].legend(fontsize=7)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def position_costs(kind, device, use_cache, frames=8):
+    """ms to generate each new frame of an 8-frame rollout whose window holds all of it (1 context frame + 8)."""
+    model, _ = preset_model(kind, "tiny", device, clip_len=frames + 1)
+    model.eval()
+    S = model.backbone.cfg.size
+    stamps = [time.perf_counter()]
+    ctx, acts = torch.zeros(1, 1, 3, S, S, device=device), torch.zeros(1, frames + 1, dtype=torch.long, device=device)
+    chunk = dict(chunk=1) if kind == "dit" else {}
+    rollout(model, ctx, acts, temperature=0.0, use_cache=use_cache, on_frame=lambda f: stamps.append(time.perf_counter()), **chunk)
+    return list(1000 * np.diff(stamps))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--curves", action="store_true", help="also draw the cost curves into --png")
+    p.add_argument("--json", default="bench.json")
+    p.add_argument("--png", default="bench.png")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args()
+    device, _, why = pick_device(a.device)
+    t0 = time.time()
+    print(f"measuring on {why} ...", flush=True)
+    rows = table(device, why)
+    rows["seconds"] = round(time.time() - t0, 1)
+    show(rows)
+    with open(a.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {a.json} ({rows['seconds']:.0f} s)")
+    if a.curves:
+        curves(device, a.png)
+
+
+if __name__ == "__main__":
+    from envs import run_cli
+    run_cli(main)
