@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from envs import UserError, make_env, run_cli, WORLDS
+from envs import GymEnv, UserError, make_env, run_cli, WORLDS
 
 FORMAT = "nanoworld-episodes-1"
 DATA_VERSION = 4            # 3: anti-aliased edges; 4: any environment, meta.json in the documented format
@@ -110,10 +110,15 @@ def behaviour_policy(env, cfg, rng):
     return act
 
 
-def generate_episodes(cfg, n, seed):
-    """Roll n episodes of the behaviour policy in cfg.env."""
-    env = make_env(cfg.env, num=n, size=cfg.size, max_steps=cfg.episode_len, seed=seed, frame_skip=cfg.frame_skip)
-    return play_episodes(env, behaviour_policy(env, cfg, np.random.default_rng(seed + 1)), cfg.episode_len)
+def generate_episodes(cfg, n, seed, env=None):
+    """Roll n episodes of the behaviour policy in cfg.env (or in `env`, its copies reused), in batches of as many
+    copies as the environment makes cheaply."""
+    copies = min(n, GymEnv.max_copies if cfg.env.startswith("gym:") else n)
+    if env is None or env.num != copies:
+        env = make_env(cfg.env, num=copies, size=cfg.size, max_steps=cfg.episode_len, seed=seed, frame_skip=cfg.frame_skip)
+    policy = behaviour_policy(env, cfg, np.random.default_rng(seed + 1))
+    parts = [play_episodes(env, policy, cfg.episode_len) for _ in range(-(-n // copies))]
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
 
 def _moves(world, a):
@@ -288,13 +293,14 @@ def generate_corpus(cfg, labelled, path, progress=True):
     """Generate a corpus in shards of 256 episodes, with a progress bar, into `path` (the episode format)."""
     from tqdm import tqdm
     n, seed = (cfg.n_labelled, cfg.seed * 1000 + 1) if labelled else (cfg.n_free, cfg.seed * 1000 + 2)
-    env = make_env(cfg.env, num=1, size=cfg.size, max_steps=cfg.episode_len, frame_skip=cfg.frame_skip)
+    env = make_env(cfg.env, num=min(n, 256, GymEnv.max_copies if cfg.env.startswith("gym:") else n), size=cfg.size,
+                   max_steps=cfg.episode_len, seed=seed, frame_skip=cfg.frame_skip)
     bar = tqdm(total=n, desc=f"{'labelled' if labelled else 'free'} corpus of {cfg.env}", unit="episode",
                disable=None if progress else True, leave=False)
 
     def shards():
         for i in range(0, n, 256):
-            ep = generate_episodes(cfg, min(256, n - i), seed + i)
+            ep = generate_episodes(cfg, min(256, n - i), seed + i, env)
             yield ep if labelled else {k: ep[k] for k in ("frames", "lengths")}
     write_folder(path, shards(), cfg.env, cfg.size, env.spec, progress=lambda k: bar.update(k - bar.n))
     bar.close()

@@ -340,13 +340,15 @@ class GymEnv(Env):
     observation where that is an image (Atari), else env.render(). Each action is repeated frame_skip times (Atari's
     v5 games skip 4 frames already). Atari games are made with repeat_action_probability=0: sticky actions would
     make a replay from a restored state inexact. States: Atari's cloneState, else a copy of the environment's own
-    attributes (classic control keeps its whole state there)."""
+    attributes (classic control keeps its whole state there). Making and seeding a copy can be slow (Atari reloads
+    its ROM: ~0.2 s), so a reset without a seed continues each copy's own random stream instead."""
+    max_copies = 16
 
     def __init__(self, env_id, num=1, size=64, max_steps=64, seed=0, frame_skip=1):
         super().__init__(num, size, max_steps)
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")                   # frames are rendered off screen
         self.gym = need("gymnasium", f"gym:{env_id}")
-        self.id, self.name, self.frame_skip, self.kw = env_id, f"gym:{env_id}", frame_skip, {}
+        self.id, self.name, self.frame_skip, self.kw, self.seed = env_id, f"gym:{env_id}", frame_skip, {}, int(seed)
         if env_id.startswith("ALE/"):
             self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
             self.kw = dict(repeat_action_probability=0.0)
@@ -361,7 +363,6 @@ class GymEnv(Env):
         meanings = u.get_action_meanings() if hasattr(u, "get_action_meanings") else None
         self.keys = keys_for(self.n_actions, meanings, self.action_dim)
         self.image_obs = len(self.envs[0].observation_space.shape or ()) == 3
-        self.seed = seed
 
     def _make(self):
         """One more copy, reset once (gymnasium refuses a step before a reset, even into a restored state)."""
@@ -370,7 +371,7 @@ class GymEnv(Env):
         except self.gym.error.Error as e:
             raise UserError(f"gym:{self.id}: {str(e).splitlines()[0][:200]}; "
                             f"the id is a gymnasium id, e.g. gym:CartPole-v1, gym:ALE/Breakout-v5") from None
-        env.reset(seed=len(getattr(self, "envs", [])))
+        env.reset(seed=self.seed + len(getattr(self, "envs", [])))
         return env
 
     def _frame(self, env, obs):
@@ -379,8 +380,8 @@ class GymEnv(Env):
     draw = True          # False: steps skip drawing (a planner that only needs rewards), frames stay as they were
 
     def reset(self, seed=None):
-        self.seed = self.seed if seed is None else seed
-        obs = [self._frame(e, e.reset(seed=int(self.seed) + i)[0]) for i, e in enumerate(self.envs)]
+        """Every copy back to a start; with a seed, copy i is seeded with seed + i (Atari then reloads its ROM)."""
+        obs = [self._frame(e, e.reset(seed=None if seed is None else int(seed) + i)[0]) for i, e in enumerate(self.envs)]
         self.last, self.done, self.t = resize(np.stack(obs), self.size), np.zeros(self.num, bool), 0
         return self.last.copy(), {}
 
@@ -456,7 +457,8 @@ class ProcgenEnv(Env):
             raise UserError(f"procgen:{self.game}: {str(e).splitlines()[0][:200]} (games: coinrun, ninja, bigfish, ...)") from None
 
     def reset(self, seed=None):
-        self.seed = self.seed if seed is None else seed
+        """New levels for every world (a game of its own has no reset): from `seed`, or the next seed."""
+        self.seed = self.seed + 1 if seed is None else seed
         self.env = self._make(self.num, self.seed)
         self.last, self.done, self.t = resize(self.env.observe()[1]["rgb"], self.size), np.zeros(self.num, bool), 0
         return self.last.copy(), {}

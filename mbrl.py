@@ -338,20 +338,19 @@ class Agent:
 
     # --- imagination
     @torch.no_grad()
-    def imagine(self, s, prev_action, cand, g):
+    def imagine(self, s, prev_action, cand, g, memo=None):
         """Roll the learned simulator from k context frames s (B, k, C, S, S), led into by prev_action (B, k[, A]),
         under candidates (B, N, H[, A]), noise from g. Returns the model's discounted rewards (B, N), the last frames'
-        alive-weighted discount (B, N), and the generated frames (B*N, H, C, S, S)."""
+        alive-weighted discount (B, N), and the generated frames (B*N, H, C, S, S). With discrete actions and a memo
+        (a dict kept for one decision), every action prefix is imagined once (dream_tree)."""
         B, N, H = cand.shape[:3]
-        own = prev_action.to(self.device).repeat_interleave(N, 0)             # (B*N, k[, A]): the context's actions
-        acts = torch.cat([own, cand.to(self.device).flatten(0, 1)], 1)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):   # s: one context per world
-            frames = rollout(self.plan_wm, s, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=g).float()
-        k, s = s.shape[1], s[:, -1]                                           # rewards are read at the current frame
-        acts = acts[:, k - 1:]                                                # (B*N, 1 + H): a_h from h = 0
-        points = self.reward.keypoints(torch.cat([s, frames[:, :-1].flatten(0, 1)]))     # s_0 once per world, then s_1..
-        points = torch.cat([points[:B].repeat_interleave(N, 0)[:, None], points[B:].view(B * N, H - 1, points.shape[1])], 1)
-        r, end = self.reward(None, acts[:, 1:].flatten(0, 1), points.flatten(0, 1))       # r(s_h, a_h), h < H
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            if memo is not None and self.spec["discrete"]:
+                frames, points = self.dream_tree(s, prev_action, cand, g, memo)
+            else:
+                frames, points = self.dream(s, prev_action, cand, g)
+        a = cand.to(self.device).flatten(0, 1)                                # (B*N, H[, A])
+        r, end = self.reward(None, a.flatten(0, 1), points.flatten(0, 1))     # r(s_h, a_h), h < H
         r, done = r.view(B * N, H), torch.sigmoid(end).view(B * N, H)
         disc = self.cfg.gamma ** torch.arange(H, device=r.device)
         alive = torch.cumprod(torch.cat([torch.ones_like(done[:, :1]), 1 - done], 1), 1)   # (B*N, H+1)
@@ -359,17 +358,51 @@ class Agent:
         tail = self.cfg.gamma ** H * alive[:, -1]
         return ret.view(B, N), tail.view(B, N), frames
 
+    def dream(self, s, prev_action, cand, g):
+        """The frames of every candidate, one batched rollout (each world's context computed once for its N candidates),
+        and the reward head's keypoints of s_0 .. s_{H-1} -> (B*N, H, C, S, S), (B*N, H, P)."""
+        B, N, H = cand.shape[:3]
+        own = prev_action.to(self.device).repeat_interleave(N, 0)             # (B*N, k[, A]): the context's actions
+        acts = torch.cat([own, cand.to(self.device).flatten(0, 1)], 1)
+        frames = rollout(self.plan_wm, s, acts, steps=self.cfg.plan_steps, temperature=0.0, generator=g).float()
+        points = self.reward.keypoints(torch.cat([s[:, -1], frames[:, :-1].flatten(0, 1)]))   # s_0 once per world
+        return frames, torch.cat([points[:B].repeat_interleave(N, 0)[:, None],
+                                  points[B:].view(B * N, H - 1, points.shape[1])], 1)
+
+    def dream_tree(self, s, prev_action, cand, g, memo):
+        """dream() for discrete actions as a search tree: a frame is a function of its world and its action prefix,
+        so candidates that share a prefix (in this CEM iteration or an earlier one of the same decision: `memo`) share
+        its frame and keypoints, imagined once. One rollout step per depth, over the prefixes not seen yet."""
+        B, N, H = cand.shape
+        k, rows = s.shape[1], cand.tolist()
+        key = lambda b, n, h: (b,) + tuple(rows[b][n][:h])                    # a node: world and action prefix
+        frame = lambda b, p: memo[(b,) + p][0] if p else s[b, k - 1]          # a frame at depth len(p)
+        if not memo:
+            memo.update({(b,): (s[b, -1], p) for b, p in enumerate(self.reward.keypoints(s[:, -1]))})
+        for h in range(1, H + 1):
+            new = list(dict.fromkeys(key(b, n, h) for b in range(B) for n in range(N) if key(b, n, h) not in memo))
+            if not new:
+                continue
+            window = [[frame(q[0], q[1:d + 1]) if d >= 1 else s[q[0], k - 1 + d] for d in range(h - k, h)] for q in new]
+            acts = [[q[d] if d >= 1 else prev_action[q[0], k - 1 + d].item() for d in range(h - k, h + 1)] for q in new]
+            out = rollout(self.plan_wm, torch.stack([torch.stack(w) for w in window]), torch.tensor(acts, device=self.device),
+                          steps=self.cfg.plan_steps, temperature=0.0, generator=g)[:, 0].float()
+            memo.update(zip(new, zip(out, self.reward.keypoints(out))))
+        nodes = [[memo[key(b, n, h)] for h in range(H + 1)] for b in range(B) for n in range(N)]
+        frames = torch.stack([torch.stack([f for f, _ in row[1:]]) for row in nodes])
+        return frames, torch.stack([torch.stack([p for _, p in row[:-1]]) for row in nodes])
+
     @torch.no_grad()
-    def score(self, s, prev_action, cand, g):
+    def score(self, s, prev_action, cand, g, memo=None):
         """The planner's score of candidates: discounted model rewards plus the discounted value of the last frame."""
-        ret, tail, frames = self.imagine(s, prev_action, cand, g)
+        ret, tail, frames = self.imagine(s, prev_action, cand, g, memo)
         if self.cfg.value_iters == 0:                                         # no value function: rewards only
             return ret
         return ret + tail * self.value(frames[:, -1]).view(ret.shape)
 
-    def plan_scores(self, obs, prev_action, cand, g):
+    def plan_scores(self, obs, prev_action, cand, g, memo=None):
         """score() from raw observations: the last k frames of each world (N, k, S, S, 3) uint8."""
-        return self.score(to_float(obs, self.device), prev_action, cand, g)
+        return self.score(to_float(obs, self.device), prev_action, cand, g, memo)
 
     # --- the value, by TD in imagination
     def lookahead_actions(self, B):
@@ -482,12 +515,12 @@ def mpc_policy(world, plan_scores, spec, cfg, g, explore=0.0, rng=None):
     def act(obs, t):
         nonlocal prev, seen
         seen = ([obs] * k if t == 0 else seen + [obs])[-k:]
-        t0 = time.time()
-        a = cem.plan(lambda cand: plan_scores(np.stack(seen, 1), prev, cand, g)).cpu().numpy()
+        t0, memo = time.time(), {}                                            # what this decision has imagined
+        a = cem.plan(lambda cand: plan_scores(np.stack(seen, 1), prev, cand, g, memo=memo)).cpu().numpy()
         times.append(time.time() - t0)
         if explore > 0:
             a = np.where((rng.random(world.num) < explore).reshape((-1,) + (1,) * (a.ndim - 1)), world.random_action(rng), a)
-        prev = torch.cat([prev[:, 1:], torch.as_tensor(a)[:, None]], 1)
+        prev = torch.cat([prev[:, 1:], torch.as_tensor(a, device="cpu")[:, None]], 1)
         return a
     return act, times
 
@@ -571,7 +604,7 @@ def baselines(cfg, seed, spec, size):
     R_rand = float(episode_return(play_episodes(w, lambda o, t: w.random_action(rng), cfg.episode_len)).mean())
     w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
     sim = make_env(cfg.env, num=cfg.eval_episodes, **kw)
-    act, times = mpc_policy(w, lambda obs, prev, cand, g: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg,
+    act, times = mpc_policy(w, lambda obs, prev, cand, g, memo: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg,
                             make_generator("cpu", seed))
     R_orc = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
     return R_rand, R_orc, float(np.mean(times))

@@ -644,7 +644,7 @@ def test_planner_in_the_true_simulator_beats_random_actions(name):
     w = make_env(name, num=6, size=16, max_steps=16, seed=5)
     sim = make_env(name, num=6, size=16)
     spec = dict(discrete=w.discrete, n_actions=w.n_actions, action_dim=w.action_dim)
-    act, times = mpc_policy(w, lambda o, p, c, g: true_scores_of(w, sim, c, cfg.gamma), spec, cfg,
+    act, times = mpc_policy(w, lambda o, p, c, g, memo: true_scores_of(w, sim, c, cfg.gamma), spec, cfg,
                             torch.Generator().manual_seed(0))
     R_plan = play_episodes(w, act, 16)["rewards"].sum(1).mean()
     assert len(times) == 16
@@ -735,6 +735,29 @@ def test_agent_clone_is_independent():
     assert torch.allclose(before, score(twin), atol=1e-5)
     twin.fit(buf, 2, 5)
     assert torch.allclose(before, score(agent), atol=1e-5) and not torch.allclose(before, score(twin), atol=1e-5)
+
+
+def test_discrete_planning_imagines_each_action_prefix_once():
+    """With discrete actions a decision's imagination is a tree: candidates that share an action prefix share its
+    frames, in one CEM iteration and the next (memo); only prefixes not seen yet are rolled out."""
+    from mbrl import Agent, MBRLConfig
+    from data import to_float
+    w = make_env("coin", num=2, size=16, seed=0)
+    agent = Agent(MBRLConfig(env="coin", width=32, depth=1, compile=False), make_env("coin").spec, "cpu", 0)
+    for layer in [agent.wm.backbone.out] + [g[-1] for g in agent.wm.adapter.g]:
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    s, prev = to_float(w.reset()[0][:, None]), torch.zeros(2, 1, dtype=torch.long)
+    cand = torch.tensor([[[1, 2, 3], [1, 2, 4], [1, 3, 3]], [[0, 0, 0], [0, 0, 0], [4, 4, 4]]])   # (2 worlds, 3, H 3)
+    rows, inner = [], agent.plan_wm.forward
+    agent.plan_wm.forward = lambda x, *a, **kw: rows.append(x.shape[0]) or inner(x, *a, **kw)
+    memo, g = {}, torch.Generator().manual_seed(0)
+    _, _, frames = agent.imagine(to_float(w.reset()[0][:, None]), prev, cand, g, memo)
+    assert rows == [3, 4, 5]                                              # the unique prefixes at depths 1, 2, 3
+    assert torch.equal(frames[0, :2], frames[1, :2]) and not torch.equal(frames[0, 2], frames[1, 2])
+    assert torch.equal(frames[3], frames[4]) and not torch.equal(frames[3], frames[5])
+    rows.clear()
+    agent.imagine(s, prev, cand[:, [1, 0, 2]], g, memo)                    # the same prefixes again: nothing new
+    assert rows == []
 
 
 def test_value_iters_0_plans_on_rewards_alone():

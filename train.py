@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import Stopped, UserError, keys_for, locate_agent, make_env, run_cli
+from envs import GymEnv, Stopped, UserError, keys_for, locate_agent, make_env, run_cli
 from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_meta, spread_clips, to_float, to_uint8
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
                    pick_device, seeded, tokenizer_flops)
@@ -247,24 +247,29 @@ def counterfactuals(cfg, k, n):
     its k context frames and the actions that led into them, two action sequences from there (A: the policy's own;
     A': another start state's) and the true frames under each, from the same restored state.
     -> context (n, k, S, S, 3) uint8, ctx_actions (n, k[, A]), A, A' (n, H[, A]), truth_A, truth_A' (n, H, S, S, 3)."""
-    dcfg = DataConfig(env=cfg.env, size=cfg.size, frame_skip=cfg.frame_skip)
-    env = make_env(cfg.env, num=n, size=cfg.size, max_steps=10 ** 6, seed=10 ** 6 + cfg.seed, frame_skip=cfg.frame_skip)
-    policy = behaviour_policy(env, dcfg, np.random.default_rng(10 ** 6 + cfg.seed))
+    copies = min(n, GymEnv.max_copies if cfg.env.startswith("gym:") else n)   # (games: a few copies, reused)
+    env = make_env(cfg.env, num=copies, size=cfg.size, max_steps=10 ** 6, seed=10 ** 6 + cfg.seed, frame_skip=cfg.frame_skip)
+    policy = behaviour_policy(env, DataConfig(env=cfg.env), np.random.default_rng(10 ** 6 + cfg.seed))
+    parts = [counterfactual_batch(env, policy, k, cfg.horizon) for _ in range(-(-n // copies))]
+    return tuple(np.concatenate([p[i] for p in parts])[:n] for i in range(6))
+
+
+def counterfactual_batch(env, policy, k, horizon):
+    """counterfactuals for env.num start states at once (copies whose episode ended on the way are left out)."""
     obs, _ = env.reset()
-    frames, acts, ended = [obs], [], np.zeros(n, bool)
+    frames, acts, ended = [obs], [], np.zeros(env.num, bool)
     for t in range(k + 8):                                               # into the game, past its first frames
         acts.append(policy(obs, t))
         obs, _, term, _, _ = env.step(acts[-1])
         frames.append(obs); ended |= term
-    start = env.get_state()
-    A, truth_A = [], []
-    for t in range(cfg.horizon):
+    start, A, truth_A = env.get_state(), [], []
+    for t in range(horizon):
         A.append(policy(obs, t))
         obs, *_ = env.step(A[-1]); truth_A.append(obs)
     A = np.stack(A, 1)
-    A_other = np.roll(A, 1, 0)
+    A_other = np.roll(A, 1, 0)                                           # another start state's actions
     env.set_state(start)
-    truth_B = np.stack([env.step(A_other[:, t])[0] for t in range(cfg.horizon)], 1)
+    truth_B = np.stack([env.step(A_other[:, t])[0] for t in range(horizon)], 1)
     keep = ~ended                                                        # an episode that ended has no future to compare
     return (np.stack(frames[-k:], 1)[keep], np.stack(acts[-k:], 1)[keep], A[keep], A_other[keep],
             np.stack(truth_A, 1)[keep], truth_B[keep])
