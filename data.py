@@ -91,7 +91,7 @@ def behaviour_policy(env, cfg, rng):
     """Sticky random actions (each repeated with probability cfg.sticky), so that actions show in the frames as
     movement; in a built-in world mixed with its scripted expert and with still actions redrawn (_moves)."""
     prev = [env.random_action(rng)]
-    expert = isinstance(env, tuple(WORLDS.values()))
+    expert = isinstance(env, tuple(WORLDS.values())) and (cfg.expert_p > 0 or cfg.resample_still > 0)
 
     def act(obs, t):
         rand = _where(rng.random(env.num) < cfg.sticky, prev[0], env.random_action(rng))

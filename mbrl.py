@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from envs import UserError, make_env, run_cli
-from data import ClipSampler, DataConfig, play_episodes, to_float
+from data import ClipSampler, DataConfig, generate_episodes, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES
@@ -83,7 +83,7 @@ class MBRLConfig:
     width: int = opt(96, "world-model width")
     depth: int = opt(3, "world-model blocks")
     # data and training
-    episode_len: int = opt(32, "steps per episode")
+    episode_len: int = opt(None, "steps per episode at most (default: 32 for the built-in worlds, 200 for games)")
     seed_episodes: int = opt(512, "random-action episodes before the first fit")
     rounds: int = opt(4, "act -> add data -> update rounds")
     episodes: int = opt(8, "MPC episodes played in the real world per round")
@@ -117,6 +117,7 @@ class MBRLConfig:
         game = ":" in self.env
         self.size = self.size or (init["size"] if init else 32 if game else 16)
         self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
+        self.episode_len = self.episode_len or (200 if game else 32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,8 +539,8 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar):
     agent = Agent(cfg, spec, device, seed)
     world_kw = dict(size=agent.size, max_steps=cfg.episode_len)
     rng = np.random.default_rng(seed)
-    collect = make_env(cfg.env, num=cfg.seed_episodes, seed=seed, **world_kw)
-    buffer = play_episodes(collect, lambda obs, t: collect.random_action(rng), cfg.episode_len)
+    uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0, resample_still=0)
+    buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
     wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
     log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
         f"world-model loss {wl:.4f} | reward loss {rl:.4f} | {time.time() - t0:.0f} s")

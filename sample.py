@@ -1,7 +1,9 @@
 """sample.py — the flow-matching sampler, batched rollouts, GIFs, and loading a model from its checkpoint.
 
     python sample.py --ckpt out/ckpt.pt --out rollout.gif
-    python sample.py --bench_cache          # the video GPT's KV cache: time per new frame, with and without
+    python sample.py --ckpt out/ckpt.pt --play                 # play inside the learned world (a window)
+    python sample.py --ckpt out/ckpt.pt --play --keys right,right,up --out play.gif    # headless
+    python sample.py --ckpt out/ckpt.pt --bench_play           # frames per second of play
 
 writes held-out episodes as a GIF, one row per episode: the ground truth, the model's rollout under
 the recorded actions, and its rollout under another episode's actions. The checkpoint is all it
@@ -18,7 +20,7 @@ import torch
 
 from envs import KEYS, UserError, keys_for, run_cli
 from data import ClipSampler, DataConfig, load_corpus, spread_clips, to_uint8
-from model import BACKBONES, VideoGPT, make_generator, pick_device, seeded
+from model import BACKBONES, VideoGPT, make_generator, pick_device
 from adapter import WorldModel, check_actions
 
 CKPT_FORMAT = "nanoworld-1"
@@ -389,34 +391,9 @@ def bench_play(player, frames=32):
     return frames / (time.perf_counter() - t)
 
 
-def bench_cache(frames=16, batch=2, device="cpu"):
-    """Time each new frame of a `frames`-frame rollout of a video GPT whose window holds the whole rollout
-    (1 context frame + frames), with and without the KV cache. Untrained weights: the cost does not depend on them."""
-    from model import ARConfig
-    with seeded(0):
-        gpt = BACKBONES["ar"][0](ARConfig(clip_len=frames + 1))
-        model = WorldModel(gpt, "film", dict(discrete=True, n_actions=5, action_dim=0)).to(device).eval()
-    ctx = torch.rand(batch, 1, 3, gpt.cfg.size, gpt.cfg.size, device=device) * 2 - 1
-    acts = torch.randint(0, 5, (batch, frames + 1), device=device)
-    rows = {}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for use in (True, False):
-        stamps = [time.perf_counter()]
-        rollout(model, ctx, acts, temperature=1.0, use_cache=use, on_frame=lambda f: (sync(), stamps.append(time.perf_counter())))
-        rows[use] = np.diff(stamps) * 1000
-    print(f"video GPT ({sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters, {gpt.n_tok} codes per frame), "
-          f"batch {batch}, {device}: ms to sample each new frame")
-    print("frame  " + " ".join(f"{i:>6d}" for i in range(2, frames + 2)))
-    for use in (True, False):
-        print(f"{'cache' if use else 'none':5s}  " + " ".join(f"{t:6.0f}" for t in rows[use]))
-    return rows
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
-    p.add_argument("--bench_cache", action="store_true", help="time a 16-frame video-GPT rollout with and without the "
-                   "KV cache (no checkpoint needed), then exit")
     p.add_argument("--out", default="rollout.gif", help="the GIF to write")
     p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
     p.add_argument("--horizon", type=int, default=16, help="frames to roll out after the context")
@@ -434,10 +411,8 @@ def main():
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device, _, why = pick_device(a.device)
-    if a.bench_cache:
-        return bench_cache(device=device)
     if not a.ckpt:
-        raise UserError("--ckpt is required: a checkpoint written by train.py (or pass --bench_cache)")
+        raise UserError("--ckpt is required: a checkpoint written by train.py")
     model, ck = load_model(a.ckpt, device)
     trained = ck["config"]
     if a.temperature is None:
