@@ -352,7 +352,7 @@ class GymEnv(Env):
         if env_id.startswith("ALE/"):
             self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
             self.kw = dict(repeat_action_probability=0.0)
-        self.envs = [self._make() for _ in range(num)]
+        self.envs = [self._make(i) for i in range(num)]
         space, u = self.envs[0].action_space, self.envs[0].unwrapped
         self.discrete = isinstance(space, self.gym.spaces.Discrete)
         if not self.discrete and not (isinstance(space, self.gym.spaces.Box) and len(space.shape) == 1):
@@ -364,14 +364,14 @@ class GymEnv(Env):
         self.keys = keys_for(self.n_actions, meanings, self.action_dim)
         self.image_obs = len(self.envs[0].observation_space.shape or ()) == 3
 
-    def _make(self):
-        """One more copy, reset once (gymnasium refuses a step before a reset, even into a restored state)."""
+    def _make(self, i):
+        """Copy i, reset once with seed + i (gymnasium refuses a step before a reset, even into a restored state)."""
         try:
             env = self.gym.make(self.id, render_mode="rgb_array", **self.kw)
         except self.gym.error.Error as e:
             raise UserError(f"gym:{self.id}: {str(e).splitlines()[0][:200]}; "
                             f"the id is a gymnasium id, e.g. gym:CartPole-v1, gym:ALE/Breakout-v5") from None
-        env.reset(seed=self.seed + len(getattr(self, "envs", [])))
+        env.reset(seed=self.seed + i)
         return env
 
     def _frame(self, env, obs):
@@ -407,12 +407,18 @@ class GymEnv(Env):
     def _snapshot(self, e):
         if self.id.startswith("ALE/"):
             return e.unwrapped.ale.cloneState()
-        out = {}
-        for k, v in vars(e.unwrapped).items():
-            if k not in ("screen", "clock", "spec", "render_mode", "isopen"):
-                with contextlib.suppress(Exception):
-                    out[k] = copy.deepcopy(v)
-        return out
+        return {k: copy.deepcopy(v) for k, v in vars(e.unwrapped).items() if k not in self.not_state}
+
+    not_state = ("screen", "clock", "spec", "render_mode", "isopen")              # the window, not the simulation
+
+    @property
+    def restorable(self):
+        """Atari, and any game whose whole state copies (classic control); not one holding, e.g., a physics engine."""
+        try:
+            self._snapshot(self.envs[0])
+        except Exception:                                                     # deepcopy refused an attribute
+            return False
+        return True
 
     def _restore(self, e, snap):
         if self.id.startswith("ALE/"):
@@ -427,7 +433,7 @@ class GymEnv(Env):
     def set_state(self, state):
         n = len(state["envs"])
         while len(self.envs) < n:                                             # more copies asked for: make them
-            self.envs.append(self._make())
+            self.envs.append(self._make(len(self.envs)))
         self.envs, self.num = self.envs[:n], n
         for e, snap in zip(self.envs, state["envs"]):
             self._restore(e, snap)
@@ -469,7 +475,8 @@ class ProcgenEnv(Env):
         rew, obs, first = self.env.observe()
         ended = first & ~self.done                                             # a new episode began: this one ended
         live = ~self.done & ~ended
-        self.last[live] = resize(obs["rgb"][live], self.size)
+        if live.any():
+            self.last[live] = resize(obs["rgb"][live], self.size)
         reward = np.where(self.done, 0, rew).astype(np.float32)
         self.done, self.t = self.done | ended, self.t + 1
         return self.last.copy(), reward, ended, np.full(self.num, self.t >= self.max_steps), {}
@@ -487,6 +494,8 @@ class ProcgenEnv(Env):
 
 def make_env(name, num=1, size=32, max_steps=32, seed=0, frame_skip=1):
     """The environment called `name`: a built-in world, gym:<id> or procgen:<game>."""
+    if frame_skip < 1 or size < 1 or num < 1:
+        raise UserError(f"need --frame_skip >= 1 and a frame size >= 1 (got {frame_skip}, {size})")
     if name.startswith("gym:"):
         return GymEnv(name[4:], num, size, max_steps, seed, frame_skip)
     if name.startswith("procgen:"):

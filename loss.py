@@ -63,17 +63,21 @@ def flow_matching_noise(frames_shape, device, generator):
     return dict(tau=tau, eps=torch.randn(frames_shape, device=device, generator=generator))
 
 
-def flow_matching_loss(model, frames, actions=None, motion_c=0.0, motion_temp=0.05, cell=4, noise=None, generator=None):
+def flow_matching_loss(model, frames, actions=None, motion_c=0.0, motion_temp=0.05, cell=4, noise=None, generator=None,
+                       distance="mse"):
     """Motion-weighted flow-matching loss of `model` on a batch of clips.
 
     frames (B, T, C, H, W) in [-1, 1]; actions as the model takes them, or None; noise: flow_matching_noise's draws
-    (None: drawn here from `generator`). Returns the scalar loss, averaged over the frames being denoised (t > 0)."""
+    (None: drawn here from `generator`). distance: "mse" (the posterior mean, as above) or "l1", |x0_hat - x_0|: the
+    posterior median, whose gradient does not fade near zero, so pixels that do not change are predicted as exactly
+    unchanged rather than nearly. Returns the scalar loss, averaged over the frames being denoised (t > 0)."""
     noise = noise if noise is not None else flow_matching_noise(frames.shape, frames.device, generator)
     tau = noise["tau"]
     t = tau[:, :, None, None, None]
     x_t = (1 - t) * frames + t * noise["eps"]
     x0_hat = model(x_t, tau, actions=actions).float()
-    per = (x0_hat - frames).pow(2).mean(2)                                      # (B, T, H, W) = t^2 |v_hat - v|^2
+    err = x0_hat - frames
+    per = (err.abs() if distance == "l1" else err.pow(2)).mean(2)              # (B, T, H, W); mse: t^2 |v_hat - v|^2
     per = F.avg_pool2d(per, cell)                                              # (B, T, H/cell, W/cell) on the grid
     w = motion_weights(frames, cell, motion_c, motion_temp) if motion_c > 0 else torch.ones_like(per)
     per_frame = (per * w).mean((2, 3))                                         # (B, T)
@@ -81,13 +85,15 @@ def flow_matching_loss(model, frames, actions=None, motion_c=0.0, motion_temp=0.
     return (per_frame * denoised).sum() / denoised.sum()
 
 
-def motion_cross_entropy(model, frames, actions=None, motion_c=0.0, motion_temp=0.05, cell=4, noise=None, generator=None):
+def motion_cross_entropy(model, frames, actions=None, motion_c=0.0, motion_temp=0.05, cell=4, noise=None, generator=None,
+                         distance=None):
     """Motion-weighted next-code cross-entropy of a token `model` on a batch of clips.
 
     frames (B, T, C, H, W) in [-1, 1]; `cell` is the tokenizer's cell size. Returns the scalar loss,
-    averaged over the codes of frames 1..T-1 (noise, generator: unused, the loss draws nothing)."""
+    averaged over the codes of frames 1..T-1 (noise, generator, distance: unused: codes are scored by cross-entropy)."""
     B, T = frames.shape[:2]
-    z = model.backbone.tokenizer.encode(frames)                                  # (B, T, N) code ids
+    tokenizer = getattr(model, "module", model).backbone.tokenizer               # (under DDP, the wrapped model's)
+    z = tokenizer.encode(frames)                                                 # (B, T, N) code ids
     logits = model(z, actions=actions).float()                                   # (B, T*N, K)
     ce = F.cross_entropy(logits.flatten(0, 1), z.flatten(), reduction="none").view(B, T, -1)
     w = motion_weights(frames, cell, motion_c, motion_temp).flatten(2) if motion_c > 0 else torch.ones_like(ce)

@@ -277,7 +277,7 @@ class Agent:
         self.opt_r = torch.optim.AdamW(self.reward.parameters(), cfg.lr)
         self.opt_v = torch.optim.AdamW(self.value.parameters(), cfg.lr)
         self.g = make_generator(self.device, seed)
-        self.amp = pick_device(cfg.device)[1]                                 # bf16 autocast on CUDA, None on CPU
+        self.amp = pick_device(str(self.device))[1]                           # bf16 autocast on CUDA, None on CPU
         self.replay = Priorities(cfg.model_alpha, 0.0, seed, eps=1e-4)        # the world model's clips, by error
 
     def clone(self):
@@ -668,8 +668,9 @@ def main(cfg):
     kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}
     if cfg.imagination not in kinds:
         raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
-    if cfg.seeds < 1 or cfg.rounds < 0 or cfg.eval_every < 1 or cfg.elites > cfg.candidates:
-        raise UserError("need --seeds >= 1, --rounds >= 0, --eval_every >= 1 and --elites <= --candidates")
+    if cfg.seeds < 1 or cfg.rounds < 0 or cfg.eval_every < 1 or not 2 <= cfg.elites <= cfg.candidates:
+        raise UserError("need --seeds >= 1, --rounds >= 0, --eval_every >= 1 and 2 <= --elites <= --candidates "
+                        "(the refit needs a spread)")
     device, _, why = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     spec = world.spec

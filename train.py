@@ -60,6 +60,8 @@ class TrainConfig:
     motion_weight: float = opt(None, "strength c of the motion-reinforced loss (0 turns it off; default: the preset's, "
                                      "README: why 0 on the built-in worlds)")
     motion_temp: float = opt(0.05, "softmax temperature of the motion weights")
+    distance: str = opt(None, "dit: the pixel loss, mse (posterior mean) | l1 (posterior median: unchanged pixels stay "
+                              "exactly unchanged); default: the preset's")
     preset: str = opt("auto", "size preset: tiny (CPU, built-in worlds) | games (CPU, 64x64 games) | gpu (one GPU) | "
                               "auto (gpu on CUDA, else games for gym:/procgen:/64-px data, else tiny)")
     init_from: str = opt("", "a checkpoint whose backbone starts the finetune stage")
@@ -109,17 +111,17 @@ class TrainConfig:
 
 PRESETS = {   # shared fields, then each backbone's own
     "tiny": dict(size=32, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3, n_free=1024, n_labelled=1536,
-                 episode_len=32, motion_weight=0.0,
+                 episode_len=32, motion_weight=0.0, distance="mse",
                  dit=dict(patch=4, margin=4, pretrain_iters=1000, finetune_iters=2000, expect="about 12 min on a 2-core CPU"),
                  ar=dict(down=2, codes=512, reach=1, tokenizer_iters=2000, pretrain_iters=800, finetune_iters=3000,
                          temperature=0.0, top_k=0, expect="about 16 min on a 2-core CPU")),
     "games": dict(size=64, width=128, depth=4, heads=4, clip_len=3, batch_size=32, lr=1e-3, n_free=512, n_labelled=768,
-                  episode_len=32, motion_weight=4.0,
+                  episode_len=32, motion_weight=4.0, distance="mse",
                   dit=dict(patch=8, margin=4, pretrain_iters=500, finetune_iters=1200, expect="about 18 min on a 2-core CPU"),
                   ar=dict(down=3, codes=512, reach=1, tokenizer_iters=1000, pretrain_iters=400, finetune_iters=1200,
                           temperature=0.0, top_k=0, expect="about 25 min on a 2-core CPU")),
     "gpu": dict(size=64, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4, n_free=8192, n_labelled=2048,
-                episode_len=32, motion_weight=0.0,
+                episode_len=32, motion_weight=0.0, distance="mse",
                 dit=dict(patch=4, margin=4, pretrain_iters=8000, finetune_iters=8000, expect="see README for the time on one GPU"),
                 ar=dict(down=2, codes=1024, reach=2, tokenizer_iters=5000, pretrain_iters=8000, finetune_iters=8000,
                         temperature=1.0, top_k=0, expect="see README for the time on one GPU")),
@@ -168,6 +170,10 @@ def resolve(cfg, device):
     for k, v in preset.items():
         if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    if cfg.distance not in ("mse", "l1"):
+        raise UserError(f"unknown --distance '{cfg.distance}': choose mse or l1")
+    if cfg.clip_len < 2:
+        raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
@@ -554,7 +560,8 @@ class StageTrainer:
         x = batch["frames"][self.part].to(self.device, non_blocking=True)
         a = batch["actions"][self.part].to(self.device) if self.model.adapter is not None else None
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            loss = LOSSES[kind](self.fwd, x, a, cfg.motion_weight, cfg.motion_temp, cell=self.model.backbone.cell, noise=noise)
+            loss = LOSSES[kind](self.fwd, x, a, cfg.motion_weight, cfg.motion_temp, cell=self.model.backbone.cell, noise=noise,
+                                distance=cfg.distance)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -771,7 +778,7 @@ def report(ck, cfg, device, why, stages, t0, log):
     log("--- evaluating on held-out episodes")
     m = evaluate(model, cfg, data, device)
     m.update(train_seconds=round(time.time() - t0, 1), device=why, env=cfg.env, backbone=cfg.backbone,
-             adapter=ck["adapter"], motion_weight=cfg.motion_weight, stages=stages, preset=cfg.preset,
+             adapter=ck["adapter"], motion_weight=cfg.motion_weight, distance=cfg.distance, stages=stages, preset=cfg.preset,
              params=sum(p.numel() for p in model.parameters()))
     with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
