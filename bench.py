@@ -1,6 +1,7 @@
 """bench.py — how fast each part runs, against what this machine can do.
 
     python bench.py              # the table for the CPU preset (the GPU preset too on CUDA); JSON in bench.json
+    python bench.py --profile    # only where one DiT training step spends its time, operator by operator
     python bench.py --curves     # also cost curves as PNG: training cost against clip length, rollout ms per frame
                                  # against the frame's position (with and without caching), MPC time against candidates
 
@@ -58,6 +59,12 @@ def preset_model(kind, preset, device, clip_len=None):
 
 def train_step(kind, preset, device, amp, clip_len=None, repeat=5):
     """One training iteration (forward, backward, AdamW) at the preset's batch -> (seconds, frames, tokens, FLOPs)."""
+    step, frames, tokens, flops = make_train_step(kind, preset, device, amp, clip_len)
+    return timed(step, device, repeat, warmup=3), frames, tokens, flops
+
+
+def make_train_step(kind, preset, device, amp, clip_len=None):
+    """-> (a function running one training iteration, frames, tokens, FLOPs per iteration)."""
     model, p = preset_model(kind, preset, device, clip_len)
     bb, B = model.backbone, p["batch_size"]
     T = bb.cfg.clip_len
@@ -73,9 +80,26 @@ def train_step(kind, preset, device, amp, clip_len=None, repeat=5):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    seconds = timed(step, device, repeat, warmup=3)
     flops = 3 * forward_flops(bb, T) * B + (tokenizer_flops(bb.tokenizer, B * T * bb.n_tok) if kind == "ar" else 0)
-    return seconds, B * T, B * T * bb.n_tok, flops
+    return step, B * T, B * T * bb.n_tok, flops
+
+
+def profile_step(kind, preset, device, amp, top=8):
+    """Where one training iteration spends its time: the operators with the largest self time, as shares."""
+    from torch.profiler import ProfilerActivity, profile
+    step = make_train_step(kind, preset, device, amp)[0]
+    for _ in range(3):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+    ev = prof.key_averages()
+    self_t = lambda e: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+    total = sum(self_t(e) for e in ev)
+    print(f"\nwhere a {kind}/{preset} training step spends its time ({device.type}, self time per operator):")
+    for e in sorted(ev, key=self_t, reverse=True)[:top]:
+        print(f"  {100 * self_t(e) / total:5.1f}%  {e.key}")
 
 
 def rollout_rate(kind, preset, device, batch, frames=8, use_cache=True):
@@ -187,11 +211,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--curves", action="store_true", help="also draw the cost curves into --png")
+    p.add_argument("--profile", action="store_true", help="only profile one DiT training step of the CPU preset "
+                   "(the GPU preset on CUDA): its top operators")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--png", default="bench.png")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device, _, why = pick_device(a.device)
+    if a.profile:
+        return profile_step("dit", "gpu" if device.type == "cuda" else "tiny", device,
+                            torch.bfloat16 if device.type == "cuda" else None)
     t0 = time.time()
     print(f"measuring on {why} ...", flush=True)
     rows = table(device, why)

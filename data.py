@@ -165,6 +165,8 @@ def read_meta(path):
         meta = json.load(open(f))
     except ValueError:
         raise UserError(f"{f} is not valid JSON: fix it or delete it (a frames-only folder needs none)") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{f} holds a {type(meta).__name__}, not an object: write {{\"format\": \"{FORMAT}\", ...}}")
     spec = meta.get("spec")
     if spec is not None and (not isinstance(spec, dict) or {"discrete", "n_actions", "action_dim"} - set(spec)):
         raise UserError(f"{f}: 'spec' must be {{\"discrete\": ..., \"n_actions\": ..., \"action_dim\": ...}}")
@@ -200,8 +202,11 @@ def check_shard(f, arrays, spec, labelled):
         raise UserError(f"{f}: actions are {a.dtype} {a.shape}; this folder's meta.json says {want} {kind}: fix the "
                         f"actions or the spec in meta.json")
     out["actions"] = a.astype(np.int64) if spec["discrete"] else np.clip(a.astype(np.float32), -1, 1)
-    out["rewards"] = np.asarray(arrays.get("rewards", np.zeros((E, L))), np.float32).reshape(E, L)
-    out["ends"] = np.asarray(arrays.get("ends", np.zeros((E, L))), bool).reshape(E, L)
+    for key, dtype in (("rewards", np.float32), ("ends", bool)):
+        v = np.asarray(arrays.get(key, np.zeros((E, L))))
+        if v.shape != (E, L):
+            raise UserError(f"{f}: {key} are {v.shape}; expected one per step, (episodes, steps) = {(E, L)}")
+        out[key] = v.astype(dtype)
     return out
 
 
@@ -254,16 +259,15 @@ def pad_and_join(parts, size):
 # corpora
 
 class Corpus:
-    """Episodes in memory, split into train / held-out by episode; where they came from (env, spec)."""
+    """Episodes in memory, split into train / held-out by episode."""
 
-    def __init__(self, arrays, heldout, env=None, spec=None):
+    def __init__(self, arrays, heldout):
         n = len(arrays["frames"])
         if n < 2:
             raise UserError(f"a corpus needs at least 2 episodes (one to train on, one held out); it has {n}")
         n_held = max(1, int(round(n * heldout)))
         self.train = {k: v[:-n_held] for k, v in arrays.items()}
         self.test = {k: v[-n_held:] for k, v in arrays.items()}
-        self.env, self.spec = env, spec
 
 
 def load_corpus(cfg, labelled, progress=True):
@@ -271,15 +275,14 @@ def load_corpus(cfg, labelled, progress=True):
     cfg.env (and cached in cfg.data_dir). A labelled folder also serves as videos, its actions dropped."""
     folder = cfg.folder if labelled else (cfg.free_folder or cfg.folder)
     if folder:
-        arrays, meta = read_folder(folder, labelled, cfg.size)
+        arrays, _ = read_folder(folder, labelled, cfg.size)
         if not labelled:
             arrays = {k: arrays[k] for k in ("frames", "lengths")}
-        return Corpus(arrays, cfg.heldout, meta.get("env"), meta.get("spec"))
+        return Corpus(arrays, cfg.heldout)
     path = cache_path(cfg, labelled)
     if not os.path.exists(os.path.join(path, "meta.json")):
         generate_corpus(cfg, labelled, path, progress)
-    arrays, meta = read_folder(path, labelled)
-    return Corpus(arrays, cfg.heldout, cfg.env, meta.get("spec"))
+    return Corpus(read_folder(path, labelled)[0], cfg.heldout)
 
 
 def cache_path(cfg, labelled):

@@ -427,6 +427,8 @@ def main():
         raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")
     if not a.out.lower().endswith(".gif"):
         raise UserError(f"--out should name a .gif file; got '{a.out}'")
+    if a.n < 1 or a.steps < 1:
+        raise UserError(f"--n and --steps must be at least 1 (got {a.n}, {a.steps})")
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
     compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, steps=a.steps, temperature=a.temperature, top_k=a.top_k)
     print(f"wrote {a.out}: {a.n} held-out '{ck['data']['env']}' episodes, {a.horizon} frames ({why})")

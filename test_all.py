@@ -967,13 +967,14 @@ def test_copies_of_a_gym_game_start_apart():
     assert len(set(starts)) == 3 and env.restorable
 
 
-@pytest.mark.parametrize("name", ["gym:CartPole-v1", "gym:MountainCarContinuous-v0"])
-def test_classic_control_trains_rolls_out_and_measures_control(tmp_path, name):
-    """A discrete and a continuous gymnasium game through the whole recipe with tiny budgets; the metrics carry the
-    counterfactual control keys, and the checkpoint rolls out."""
-    game("gymnasium")
-    r = run("train.py", "--env", name, "--out", str(tmp_path / "o"), "--data_dir", str(tmp_path / "d"),
-            "--max_iters", "2", "--episode_len", "12", "--clip_len", "2", "--patch", "8", *TINY_FLAGS,
+@pytest.mark.parametrize("name,backbone", [("gym:CartPole-v1", "dit"), ("gym:MountainCarContinuous-v0", "dit"),
+                                           ("gym:ALE/Breakout-v5", "dit"), ("procgen:coinrun", "ar")])
+def test_games_train_roll_out_and_measure_control(tmp_path, name, backbone):
+    """Classic control (discrete and continuous), Atari and Procgen through the whole recipe with tiny budgets; the
+    metrics carry the counterfactual control keys, and the checkpoint rolls out."""
+    game("procgen" if name.startswith("procgen") else "ale_py" if "ALE" in name else "gymnasium")
+    r = run("train.py", "--env", name, "--backbone", backbone, "--out", str(tmp_path / "o"), "--data_dir",
+            str(tmp_path / "d"), "--max_iters", "2", "--episode_len", "12", "--clip_len", "2", "--patch", "8", *TINY_FLAGS,
             "--size", "32", "--horizon", "10", "--eval_clips", "8")   # a cart moves ~1/8 px a step at 32 px
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "o" / "metrics.json"))
@@ -1010,7 +1011,8 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
     bad = [(dict(frames=np.zeros((10, 5))), "uint8"),
            (dict(pixels=ep["frames"]), "no 'frames'"),
            (dict(ep, actions=ep["actions"] + 7), "actions"),
-           (dict(ep, frames=ep["frames"][:, :, :8, :8]), "one frame size")]
+           (dict(ep, frames=ep["frames"][:, :, :8, :8]), "one frame size"),
+           (dict(ep, rewards=ep["rewards"][:, :3]), "rewards are")]
     for i, (arrays, match) in enumerate(bad):
         d = tmp_path / f"bad{i}"
         write_folder(str(d), iter([ep]), "coin", 16, spec)

@@ -323,7 +323,9 @@ def sampling(cfg):
 class Dist:
     """This process's place in a `torchrun` job (DDP: nccl on CUDA, gloo on the CPU); a plain run is a job of one.
     Every process draws the same global batch and the same noise and trains on its own rows of them, so the
-    averaged gradient is the one a single process would compute on the whole batch."""
+    averaged gradient is the one a single process would compute on the whole batch: exactly for 2-frame clips (the
+    CPU presets); with longer clips each process divides its loss by its own count of denoised frames, so frames are
+    weighted slightly differently from a single process's mean over the whole batch."""
 
     def __init__(self, device_name, alone=False):
         env = {} if alone else os.environ
@@ -362,9 +364,15 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.item() / self.world
 
-    def any(self, flag):
-        """True in every process if it is true in any (one process: no communication, no GPU sync)."""
-        return bool(flag) if self.world == 1 else self.mean(bool(flag)) > 0
+    def any(self, *flags):
+        """Each flag, true in every process if it is true in any, in one exchange (one process: no communication)."""
+        if self.world == 1:
+            out = [bool(f) for f in flags]
+        else:
+            t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            out = (t > 0).tolist()
+        return out[0] if len(out) == 1 else out
 
     def barrier(self):
         if self.world > 1:
@@ -469,8 +477,8 @@ def train_loop(job, cfg, dist, log):
                     f"{ms:.0f} ms/iter | {job.frames * 1000 / ms:.0f} frames/s | "
                     f"{throughput(job.flops * 1000 / ms, dist.device)} | ETA {(job.iters - step) * ms / 60000:.1f} min")
                 t_log, losses = time.time(), []
-            stopping = dist.any(stop.signum)
-            if stopping or (time.time() - t_ck > cfg.ckpt_seconds and step < job.iters):
+            stopping, due = dist.any(stop.signum, time.time() - t_ck > cfg.ckpt_seconds and step < job.iters)
+            if stopping or due:                                 # decided together: a save is collective (the loss)
                 save()
                 t_ck = time.time()
             if stopping:
@@ -575,7 +583,7 @@ class StageTrainer:
                     step=step, elapsed=elapsed, generator=self.g.get_state(), sampler=self.sampler.rng.bit_generator.state)
 
     def job(self, path, log):
-        m, b, n_adapter = self.model, self.model.backbone, 0
+        m, b = self.model, self.model.backbone
         n_adapter = sum(p.numel() for p in m.adapter.parameters()) if m.adapter is not None else 0
         log(f"--- {self.ck['stage']}: {self.iters} iters, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
             f"({n_adapter / 1e6:.3f}M in the '{self.ck['adapter']}' adapter), {len(self.data.train['frames'])} training "
