@@ -449,7 +449,7 @@ class ProcgenEnv(Env):
     def __init__(self, game, num=1, size=64, max_steps=64, seed=0):
         super().__init__(num, size, max_steps)
         self.procgen = need("procgen", f"procgen:{game}")
-        self.game, self.name, self.seed = game, f"procgen:{game}", seed
+        self.game, self.name, self.seed, self.base, self.resets = game, f"procgen:{game}", seed, int(seed), 0
         self.env = self._make(num, seed)
         self.n_actions = self.env.ac_space.eltype.n
         names = {tuple(c): i for i, c in enumerate(self.env.combos)}
@@ -464,8 +464,10 @@ class ProcgenEnv(Env):
             raise UserError(f"procgen:{self.game}: {str(e).splitlines()[0][:200]} (games: coinrun, ninja, bigfish, ...)") from None
 
     def reset(self, seed=None):
-        """New levels for every world (a game of its own has no reset): from `seed`, or the next seed."""
-        self.seed = self.seed + 1 if seed is None else seed
+        """New levels for every world (a game of its own has no reset): the k-th reset after a seed s draws its levels
+        from the seed sequence (s, k), so corpora made from nearby seeds do not share levels (s + k would)."""
+        self.base, self.resets = (self.base, self.resets + 1) if seed is None else (int(seed), 0)
+        self.seed = int(np.random.SeedSequence([self.base, self.resets]).generate_state(1)[0])
         self.env = self._make(self.num, self.seed)
         self.last, self.done, self.t = resize(self.env.observe()[1]["rgb"], self.size), np.zeros(self.num, bool), 0
         return self.last.copy(), {}

@@ -967,6 +967,15 @@ def test_copies_of_a_gym_game_start_apart():
     assert len(set(starts)) == 3 and env.restorable
 
 
+def test_procgen_corpora_from_nearby_seeds_share_no_levels():
+    """The labelled and action-free corpora start from seeds s and s + 1: their resets must not draw the same levels
+    (with seed + k per reset, the first corpus's second batch was the second corpus's first)."""
+    game("procgen")
+    a, b = (make_env("procgen:coinrun", num=4, size=64, seed=s) for s in (1, 2))
+    fa, fb = [a.reset()[0] for _ in range(3)], [b.reset()[0] for _ in range(3)]
+    assert not any(np.array_equal(x, y) for x in fa for y in fb)
+
+
 @pytest.mark.parametrize("name,backbone", [("gym:CartPole-v1", "dit"), ("gym:MountainCarContinuous-v0", "dit"),
                                            ("gym:ALE/Breakout-v5", "dit"), ("procgen:coinrun", "ar")])
 def test_games_train_roll_out_and_measure_control(tmp_path, name, backbone):
