@@ -1,9 +1,10 @@
 """bench.py — how fast each part runs, against what this machine can do.
 
-    python bench.py              # the table for the CPU preset (the GPU preset too on CUDA); JSON in bench.json
-    python bench.py --profile    # only where one DiT training step spends its time, operator by operator
-    python bench.py --curves     # also cost curves as PNG: training cost against clip length, rollout ms per frame
-                                 # against the frame's position (with and without caching), MPC time against candidates
+    python bench.py                  # the table for the CPU preset (the GPU preset too on CUDA); JSON in bench.json
+    python bench.py --curves         # also cost curves as PNG: training cost against clip length, rollout ms per
+                                     # frame against its position (with and without caching), MPC time against candidates
+    python bench.py --profile train  # only where one DiT training step spends its time, operator by operator
+    python bench.py --profile mpc    # ... or one MPC decision at the mbrl.py defaults
 
 Every rate is set against a peak measured in the same run, on the same device, in the same dtype: a large matmul
 (2048^3 fp32 on a CPU, 8192^3 bf16 on CUDA). So "% of peak" means the same on a laptop, a 2-core CPU and an H100.
@@ -84,10 +85,9 @@ def make_train_step(kind, preset, device, amp, clip_len=None):
     return step, B * T, B * T * bb.n_tok, flops
 
 
-def profile_step(kind, preset, device, amp, top=8):
-    """Where one training iteration spends its time: the operators with the largest self time, as shares."""
+def profile(what, step, device, top=8):
+    """Where step() spends its time: the operators with the largest self time, as shares."""
     from torch.profiler import ProfilerActivity, profile
-    step = make_train_step(kind, preset, device, amp)[0]
     for _ in range(3):
         step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -97,7 +97,7 @@ def profile_step(kind, preset, device, amp, top=8):
     ev = prof.key_averages()
     self_t = lambda e: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
     total = sum(self_t(e) for e in ev)
-    print(f"\nwhere a {kind}/{preset} training step spends its time ({device.type}, self time per operator):")
+    print(f"\nwhere {what} spends its time ({device.type}, self time per operator):")
     for e in sorted(ev, key=self_t, reverse=True)[:top]:
         print(f"  {100 * self_t(e) / total:5.1f}%  {e.key}")
 
@@ -116,12 +116,17 @@ def rollout_rate(kind, preset, device, batch, frames=8, use_cache=True):
 
 def mpc_decision(device, candidates, horizon, repeat=3, compile=True):
     """Seconds of one MPC decision for one world (mbrl.py's planner, defaults otherwise)."""
+    return timed(make_decision(device, candidates, horizon, compile), device, repeat=repeat, warmup=2)
+
+
+def make_decision(device, candidates=32, horizon=5, compile=True):
+    """-> a function making one MPC decision for one world of coin (mbrl.py's planner and defaults)."""
     cfg = MBRLConfig(candidates=candidates, horizon=horizon, compile=compile)
     agent = Agent(cfg, SPEC, device, seed=0)
     w = make_env("coin", num=1, size=agent.size, seed=0)
     obs, _ = w.reset()
     act, _ = mpc_policy(w, agent.plan_scores, SPEC, cfg, agent.g)
-    return timed(lambda: act(obs, 0), device, repeat=repeat, warmup=2)
+    return lambda: act(obs, 0)
 
 
 def peak_memory(device):
@@ -211,16 +216,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--curves", action="store_true", help="also draw the cost curves into --png")
-    p.add_argument("--profile", action="store_true", help="only profile one DiT training step of the CPU preset "
-                   "(the GPU preset on CUDA): its top operators")
+    p.add_argument("--profile", choices=["train", "mpc"], help="only profile one DiT training step of the CPU preset "
+                   "(the GPU preset on CUDA), or one MPC decision at the mbrl.py defaults: the top operators")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--png", default="bench.png")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     device, _, why = pick_device(a.device)
-    if a.profile:
-        return profile_step("dit", "gpu" if device.type == "cuda" else "tiny", device,
-                            torch.bfloat16 if device.type == "cuda" else None)
+    if a.profile == "train":
+        preset = "gpu" if device.type == "cuda" else "tiny"
+        step = make_train_step("dit", preset, device, torch.bfloat16 if device.type == "cuda" else None)[0]
+        return profile(f"a dit/{preset} training step", step, device)
+    if a.profile == "mpc":
+        return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device)
     t0 = time.time()
     print(f"measuring on {why} ...", flush=True)
     rows = table(device, why)

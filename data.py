@@ -199,8 +199,9 @@ def check_shard(f, arrays, spec, labelled):
         ok = a.size == 0 or (a.min() >= 0 and a.max() < spec["n_actions"])
     if not ok:
         kind = f"integer ids in [0, {spec['n_actions']})" if spec["discrete"] else f"floats in [-1, 1]"
-        raise UserError(f"{f}: actions are {a.dtype} {a.shape}; this folder's meta.json says {want} {kind}: fix the "
-                        f"actions or the spec in meta.json")
+        seen = f" in [{a.min()}, {a.max()}]" if a.size and a.dtype.kind in "iuf" else ""
+        raise UserError(f"{f}: actions are {a.dtype} {a.shape}{seen}; this folder's meta.json says {want} {kind}: fix "
+                        f"the actions or the spec in meta.json")
     out["actions"] = a.astype(np.int64) if spec["discrete"] else np.clip(a.astype(np.float32), -1, 1)
     for key, dtype in (("rewards", np.float32), ("ends", bool)):
         v = np.asarray(arrays.get(key, np.zeros((E, L))))

@@ -497,8 +497,10 @@ class ProcgenEnv(Env):
 
 def make_env(name, num=1, size=32, max_steps=32, seed=0, frame_skip=1):
     """The environment called `name`: a built-in world, gym:<id> or procgen:<game>."""
-    if frame_skip < 1 or size < 1 or num < 1:
-        raise UserError(f"need --frame_skip >= 1 and a frame size >= 1 (got {frame_skip}, {size})")
+    if frame_skip < 1:
+        raise UserError(f"--frame_skip {frame_skip}: each action is repeated at least once, pass 1 or more")
+    if num < 1:
+        raise UserError(f"{name}: {num} copies asked for; need at least 1 (episodes, clips or worlds)")
     if name.startswith("gym:"):
         return GymEnv(name[4:], num, size, max_steps, seed, frame_skip)
     if name.startswith("procgen:"):

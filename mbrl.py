@@ -598,12 +598,15 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
 
 
 def baselines(cfg, seed, spec, size):
-    """Random actions and the planner in the true simulator, on the evaluation episodes of this seed."""
+    """Random actions and the planner in the true simulator (where its state can be restored; else NaN), on the
+    evaluation episodes of this seed."""
     kw = dict(size=size, max_steps=cfg.episode_len)
     rng = np.random.default_rng(seed)
     w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
     R_rand = float(episode_return(play_episodes(w, lambda o, t: w.random_action(rng), cfg.episode_len)).mean())
     w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
+    if not w.restorable:                                  # no state to plan in: random actions are the only baseline
+        return R_rand, float("nan"), float("nan")
     sim = make_env(cfg.env, num=cfg.eval_episodes, **kw)
     act, times = mpc_policy(w, lambda obs, prev, cand, g, memo: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg,
                             make_generator("cpu", seed))

@@ -420,6 +420,8 @@ def main():
     if a.top_k is None:
         a.top_k = trained.get("top_k") or 0
     sampling = dict(steps=a.steps, temperature=a.temperature, top_k=a.top_k)
+    if a.n < 1 or a.steps < 1:
+        raise UserError(f"--n and --steps must be at least 1 (got {a.n}, {a.steps})")
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)
     L = ck["data"]["episode_len"] + 1 - model.backbone.cfg.clip_len
@@ -427,8 +429,6 @@ def main():
         raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")
     if not a.out.lower().endswith(".gif"):
         raise UserError(f"--out should name a .gif file; got '{a.out}'")
-    if a.n < 1 or a.steps < 1:
-        raise UserError(f"--n and --steps must be at least 1 (got {a.n}, {a.steps})")
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
     compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, steps=a.steps, temperature=a.temperature, top_k=a.top_k)
     print(f"wrote {a.out}: {a.n} held-out '{ck['data']['env']}' episodes, {a.horizon} frames ({why})")

@@ -473,10 +473,13 @@ def compile_results(request, tmp_path_factory):
         return
     path = tmp_path_factory.mktemp("compile") / "gaps.json"
     code = "import json, sys, test_all; json.dump(test_all.compile_and_bf16_gaps(), open(sys.argv[1], 'w'))"
-    p = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=HERE, stderr=subprocess.PIPE, text=True,
+    err = open(path.with_suffix(".err"), "w")                   # a file, not a pipe: a full pipe would block the child
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=HERE, stderr=err,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    yield lambda: (p.wait(900), json.load(open(path)) if p.returncode == 0 else pytest.fail(p.stderr.read()[-2000:]))[1]
+    yield lambda: (p.wait(900), json.load(open(path)) if p.returncode == 0 else
+                   pytest.fail(open(path.with_suffix(".err")).read()[-2000:]))[1]
     p.kill()
+    err.close()
 
 
 def test_compiled_and_bf16_steps_and_rollouts_match_eager_fp32(compile_results):
@@ -600,7 +603,7 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
         assert match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     bad("train.py", "--env", "no_such_world", "--out", str(tmp_path / "x"), match="unknown environment")
     bad("train.py", "--backbone", "nosuch", "--out", str(tmp_path / "x"), match="unknown backbone")
-    bad("train.py", "--distance", "l3", "--out", str(tmp_path / "x"), match="unknown --distance")
+    bad("train.py", "--distance", "l3", "--out", str(tmp_path / "x"), match="--distance 'l3'")
     bad("train.py", "--clip_len", "1", "--out", str(tmp_path / "x"), match="--clip_len 1")
     bad("mbrl.py", "--elites", "1", "--out", str(tmp_path / "x"), match="--elites")
     junk = tmp_path / "junk.pt"

@@ -170,8 +170,8 @@ def resolve(cfg, device):
     for k, v in preset.items():
         if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    if cfg.distance not in ("mse", "l1"):
-        raise UserError(f"unknown --distance '{cfg.distance}': choose mse or l1")
+    if cfg.distance not in ("mse", "l1") or (cfg.backbone == "ar" and cfg.distance != "mse"):
+        raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
     if cfg.clip_len < 2:
         raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
     if cfg.max_iters:
@@ -323,9 +323,9 @@ def sampling(cfg):
 class Dist:
     """This process's place in a `torchrun` job (DDP: nccl on CUDA, gloo on the CPU); a plain run is a job of one.
     Every process draws the same global batch and the same noise and trains on its own rows of them, so the
-    averaged gradient is the one a single process would compute on the whole batch: exactly for 2-frame clips (the
-    CPU presets); with longer clips each process divides its loss by its own count of denoised frames, so frames are
-    weighted slightly differently from a single process's mean over the whole batch."""
+    averaged gradient is the one a single process would compute on the whole batch: exactly for the GPT, and for the DiT
+    on 2-frame clips (the tiny preset); on longer clips each process divides its DiT loss by its own count of denoised
+    frames, so frames are weighted slightly differently from a single process's mean over the whole batch."""
 
     def __init__(self, device_name, alone=False):
         env = {} if alone else os.environ
