@@ -18,8 +18,8 @@ An environment holds N copies stepped at once, gymnasium-style, with frames as u
 A game's copy whose episode ends stays ended (its last frame, reward 0) until the next reset; a built-in world
 keeps stepping after its end (only pusher ends, when the block is home), and callers stop reading it there. The
 built-in worlds draw the controlled object in a colour nothing else uses, so `locate_agent` reads its position off
-any frame; an external game has no such colour (agent_size None). This file is first in the project's data flow: the errors
-every script reports and the command-line runner live here too.
+any frame; an external game has no such colour (agent_size None). This file is first in the project's data flow:
+the errors every script reports and the command-line runner live here too.
 """
 import contextlib
 import copy

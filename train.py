@@ -367,12 +367,10 @@ class Dist:
     def any(self, *flags):
         """Each flag, true in every process if it is true in any, in one exchange (one process: no communication)."""
         if self.world == 1:
-            out = [bool(f) for f in flags]
-        else:
-            t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            out = (t > 0).tolist()
-        return out[0] if len(out) == 1 else out
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return (t > 0).tolist()
 
     def barrier(self):
         if self.world > 1:
