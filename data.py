@@ -349,19 +349,22 @@ class ClipSampler:
 
 
 def spread_clips(lengths, length, n):
-    """n deterministic clips of `length` frames (episodes, starts), spread over every episode: the j-th clip comes
-    from episode floor(j E / n) when n <= E (so the picks span the first to the last episode), from episode j mod E
-    when n > E; successive visits to an episode take its successive non-overlapping windows. Capped at the number
-    of distinct windows."""
+    """n deterministic clips of `length` frames (episodes, starts), spread over every episode and never repeated.
+    n <= E episodes: the j-th clip comes from episode floor(j E / n), so the picks span the first episode to the
+    last, and takes its window j mod (its windows). n > E: the windows (non-overlapping, from frame 1) are taken
+    round by round: the first window of every episode, then the second of every episode that has one, and so on.
+    Capped at the number of windows."""
     windows = [np.arange(1, L - length + 1, length) for L in lengths]           # starts of non-overlapping windows
-    ok = np.array([i for i, w in enumerate(windows) if len(w)])
-    if len(ok) == 0:
-        raise UserError(f"no held-out episode is long enough for clips of {length} frames: lower --horizon")
-    n, E = min(n, sum(len(w) for w in windows)), len(ok)
-    j = np.arange(n)
-    rank, visit = ((j * E) // n, j) if n <= E else (j % E, j // E)
-    e = ok[rank]
-    return e, np.array([windows[i][v % len(windows[i])] for i, v in zip(e, visit)])
+    rounds = [(i, w[r]) for r in range(max(map(len, windows))) for i, w in enumerate(windows) if r < len(w)]
+    if not rounds:
+        raise UserError(f"no held-out episode is long enough for clips of {length} frames (the longest holds "
+                        f"{max(lengths)}): lower --horizon")
+    ok = [i for i, w in enumerate(windows) if len(w)]
+    if n <= len(ok):
+        e = [ok[j * len(ok) // n] for j in range(n)]
+        return np.array(e), np.array([windows[i][j % len(windows[i])] for j, i in enumerate(e)])
+    e, s = zip(*rounds[:n])
+    return np.array(e), np.array(s)
 
 
 def to_float(frames, device="cpu"):

@@ -29,6 +29,7 @@ predicts "nothing moves" and training only has to learn what changes.
 """
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -79,19 +80,24 @@ def compiled(module):
 
 
 # the dense bf16 peak of the GPUs we know, in FLOP/s (vendor data sheets, without sparsity); MFU is printed only
-# for these. H100/H200 SXM 989 TFLOP/s, A100 312, L4 121, RTX 4090 165, RTX 3090 71.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+# for these. A name matches an entry word for word ('L4' is not 'L40S'), the first entry that matches wins.
+GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                 "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def gpu_peak(name):
+    """-> (FLOP/s, name of the table entry) for a GPU's name as CUDA reports it, or (None, why not)."""
+    for key, peak in GPU_PEAK_BF16.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name):
+            return peak, f"{key} dense bf16 {peak / 1e12:.0f} TFLOP/s"
+    return None, f"no peak known for '{name}'"
 
 
 def peak_flops(device):
     """-> (FLOP/s, name of the table entry) for the device's dense bf16 peak, or (None, why not)."""
     if torch.device(device).type != "cuda":
         return None, "no peak table for CPUs: bench.py measures one"
-    name = torch.cuda.get_device_name(device)
-    for key, peak in GPU_PEAK_BF16.items():
-        if key in name:
-            return peak, f"{key} dense bf16 {peak / 1e12:.0f} TFLOP/s"
-    return None, f"no peak known for '{name}'"
+    return gpu_peak(torch.cuda.get_device_name(device))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,10 +104,15 @@ def sample_codes(model, z, actions, n_new, temperature=1.0, top_k=0, generator=N
     return z
 
 
-def check_rollout(model, context, actions, generator):
-    """Raise a UserError that names the problem unless context, actions and generator fit the model."""
+def check_rollout(model, context, actions, generator, device):
+    """Raise a UserError that names the problem unless context, actions and generator fit the model on `device`."""
     cfg = model.backbone.cfg
     want = (cfg.channels, cfg.size, cfg.size)
+    for name, x in (("context", context), ("actions", actions)):
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"the {name} must be a torch tensor; got {type(x).__name__}")
+    if actions.dim() < 2:
+        raise UserError(f"actions must be (batch, k + H) ids or (batch, k + H, action_dim) vectors; got shape {tuple(actions.shape)}")
     if context.dim() != 5 or tuple(context.shape[2:]) != want:
         raise UserError(f"the context must be frames (batch, k, {', '.join(map(str, want))}) in [-1, 1]; got {tuple(context.shape)}")
     if not torch.isfinite(context).all():
@@ -122,8 +127,8 @@ def check_rollout(model, context, actions, generator):
     own = actions[:, :k].reshape(Bc, B // Bc, -1)
     if B > Bc and not (own == own[:, :1]).all():
         raise UserError("the action sequences that share a context must agree on the context's own actions (the first k)")
-    if generator is not None and generator.device.type != context.device.type:
-        raise UserError(f"the generator is on {generator.device} but the model on {context.device}: "
+    if generator is not None and generator.device.type != device.type:
+        raise UserError(f"the generator is on {generator.device} but the model on {device}: "
                         f"make it with model.make_generator(device, seed)")
 
 
@@ -143,8 +148,8 @@ def rollout(model, context, actions, steps=4, chunk=1, temperature=1.0, top_k=0,
     decoded. The noise comes from `generator` (on the model's device; None: a fresh one seeded 0, so a call is
     reproducible). Bad inputs raise a UserError that names them; NaN frames never come back."""
     device = next(model.parameters()).device
+    check_rollout(model, context, actions, generator, device)
     context, actions = context.to(device), actions.to(device)
-    check_rollout(model, context, actions, generator)
     generator = generator if generator is not None else make_generator(device, 0)
     window = model.backbone.cfg.clip_len
     B, (Bc, k), H = actions.shape[0], context.shape[:2], actions.shape[1] - context.shape[1]
@@ -285,7 +290,10 @@ def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=
     k = model.backbone.cfg.clip_len - 1
     clips = heldout_clips(ck, n, k + horizon)
     x, a = clips["frames"].to(device), clips["actions"].to(device)
-    mine = a.roll(1, 0)[:, k:] if actions is None else actions.to(device).expand((len(a),) + actions.shape)
+    H = x.shape[1] - k
+    if H < horizon:
+        print(f"note: the held-out episodes hold {H} frames after the context; {horizon} asked, {H} drawn")
+    mine = a.roll(1, 0)[:, k:] if actions is None else actions[:H].to(device).expand((len(a), H) + actions.shape[1:])
     other = torch.cat([a[:, :k], mine], 1)
     g = lambda: make_generator(device, seed)
     pred = rollout(model, x[:, :k], a, generator=g(), **sampling)
@@ -424,9 +432,8 @@ def main():
         raise UserError(f"--n and --steps must be at least 1 (got {a.n}, {a.steps})")
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)
-    L = ck["data"]["episode_len"] + 1 - model.backbone.cfg.clip_len
-    if not 1 <= a.horizon <= L:
-        raise UserError(f"--horizon must be in 1..{L} for this checkpoint's episodes")
+    if a.horizon < 1:
+        raise UserError(f"--horizon must be at least 1 (got {a.horizon})")
     if not a.out.lower().endswith(".gif"):
         raise UserError(f"--out should name a .gif file; got '{a.out}'")
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None

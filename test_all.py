@@ -152,6 +152,8 @@ def test_evaluation_clips_are_spread_over_every_held_out_episode():
     assert set(e.tolist()) == set(range(154)) and len(set(zip(e.tolist(), s.tolist()))) == 300
     e, _ = spread_clips(np.array([33, 5, 33]), 9, 10)                   # an episode too short for a clip is skipped
     assert set(e.tolist()) == {0, 2} and len(e) == 6                    # and the clips are capped at the 6 windows
+    e, s = spread_clips(np.array([33, 10]), 9, 10)                      # episodes of different lengths: no clip twice
+    assert sorted(zip(e.tolist(), s.tolist())) == [(0, 1), (0, 10), (0, 19), (1, 1)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +334,10 @@ def test_rollout_rejects_bad_inputs_by_name(kind):
                                  (ctx, torch.zeros(2, 4, 2, dtype=torch.long), "floats"),
                                  (ctx, good[:, :1], "at least one new frame"),
                                  (torch.zeros(2, 1, 3, 32, 32), good, "context must be frames"),
-                                 (ctx, good[:1], "action sequences")]:
+                                 (ctx, good[:1], "action sequences"),
+                                 (ctx, torch.zeros(4), "actions must be"),
+                                 (ctx, good.tolist(), "actions must be a torch tensor"),
+                                 (ctx.numpy(), good, "context must be a torch tensor")]:
         with pytest.raises(UserError, match=match):
             rollout(m, bad_ctx, acts)
     assert torch.isfinite(rollout(m, ctx, good)).all()
@@ -426,6 +431,31 @@ def test_flop_formula_counts_what_runs(kind):
         with FlopCounterMode(display=False) as fc:
             bb.tokenizer.encode(torch.zeros(3, 3, 16, 16))
         assert tokenizer_flops(bb.tokenizer, 3 * bb.n_tok) == pytest.approx(fc.get_total_flops(), rel=1e-6)
+
+
+def test_mfu_reads_the_device_by_name_and_counts_one_process_share(monkeypatch):
+    """The peak table matches a GPU's name word for word ('L4' is not an 'L40S', 'A100' not an 'RTX A1000'), and under
+    torchrun each process is credited with its share of the global batch's FLOPs."""
+    from model import gpu_peak
+    from train import throughput
+    assert gpu_peak("NVIDIA H100 80GB HBM3")[0] == 989e12 and gpu_peak("NVIDIA H100 PCIe")[0] == 756e12
+    assert gpu_peak("NVIDIA A100-SXM4-80GB")[0] == 312e12 and gpu_peak("NVIDIA L4")[0] == 121e12
+    assert gpu_peak("NVIDIA L40S")[0] == 362e12
+    assert gpu_peak("NVIDIA RTX A1000")[0] is None and gpu_peak("NVIDIA L40")[0] is None
+    assert throughput(4e9, 1000, "cpu", world=2) == "2.0 GFLOP/s"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert throughput(2 * 989e12, 1000, "cuda", world=2).startswith("MFU 100.0% of H200")
+
+
+def test_resume_command_names_resume_once_and_bool_flags_are_strict():
+    from types import SimpleNamespace
+    from train import parse_args, resume_command
+    argv = ["train.py", "--resume", "true", "--compile", "false", "--out", "x y"]
+    assert resume_command(SimpleNamespace(world=1), argv) == "python train.py --compile false --out 'x y' --resume"
+    assert resume_command(SimpleNamespace(world=2), ["train.py", "--resume=1"]).startswith("torchrun --nproc_per_node=2")
+    assert parse_args(["--resume", "off"]).resume is False and parse_args(["--resume"]).resume is True
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "ture"])                                # a typo is an error, not a silent False
 
 
 def loss_and_grads(model, fwd, kind, x, a, bf16=False):
@@ -544,6 +574,10 @@ def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_p
             "--actions", "4,4,1", cwd=str(tiny_run))                                           # run where the data cache is
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "x.gif").n_frames > 1
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "y.gif"), "--horizon", "99",
+            "--n", "1", cwd=str(tiny_run))                                # longer than any episode: drawn shorter, said
+    assert r.returncode == 0 and "99 asked" in r.stdout, r.stderr[-2000:]
+    assert 1 < Image.open(tmp_path / "y.gif").n_frames < 99
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):

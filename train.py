@@ -128,6 +128,15 @@ PRESETS = {   # shared fields, then each backbone's own
 }
 
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_bool(text):
+    if text.lower() not in BOOL_WORDS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not one of {', '.join(BOOL_WORDS)}")
+    return BOOL_WORDS[text.lower()]
+
+
 def parse_config(cls, doc, argv=None):
     """A command line from a config dataclass: one flag per field, its help from the field's metadata; --flag alone
     sets a bool, --flag false clears it."""
@@ -137,8 +146,8 @@ def parse_config(cls, doc, argv=None):
         typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
         default = " (default: the preset's)" if f.default is None else f" (default {f.default!r})"
         if typ is bool:
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), nargs="?",
-                           const=True, default=f.default, help=f.metadata["help"] + default)
+            p.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=f.default,
+                           help=f.metadata["help"] + default)
         else:
             p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"] + default)
     return cls(**vars(p.parse_args(argv)))
@@ -408,9 +417,15 @@ class StopSignals:
             signal.signal(s, h)
 
 
-def resume_command(dist):
+def resume_command(dist, argv=None):
+    """The command line that continues this run: the same flags, --resume (and any value given to it) once, at the end."""
     launcher = "python" if dist.world == 1 else f"torchrun --nproc_per_node={dist.world}"
-    return " ".join([launcher] + [shlex.quote(a) for a in sys.argv if a != "--resume"] + ["--resume"])
+    args, keep = list(sys.argv if argv is None else argv), []
+    for i, a in enumerate(args):
+        given = i > 0 and args[i - 1] == "--resume" and a.lower() in BOOL_WORDS
+        if a != "--resume" and not a.startswith("--resume=") and not given:
+            keep.append(a)
+    return " ".join([launcher] + [shlex.quote(a) for a in keep] + ["--resume"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,10 +450,12 @@ def lr_at(step, cfg, iters):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def throughput(flops_per_s, device):
-    """MFU against the device's dense bf16 peak where known, else the achieved rate."""
+def throughput(flops, ms, device, world=1):
+    """`flops` done in `ms` milliseconds by `world` processes, as one process's share: MFU against its device's dense
+    bf16 peak where known, else GFLOP/s."""
+    per_s = flops * 1000 / ms / world
     peak, name = peak_flops(device)
-    return f"MFU {100 * flops_per_s / peak:.1f}% of {name}" if peak else f"{flops_per_s / 1e9:.1f} GFLOP/s"
+    return f"MFU {100 * per_s / peak:.1f}% of {name}" if peak else f"{per_s / 1e9:.1f} GFLOP/s"
 
 
 def train_loop(job, cfg, dist, log):
@@ -471,9 +488,10 @@ def train_loop(job, cfg, dist, log):
             bar.update(1)
             if step % cfg.log_interval == 0 or step == job.iters:
                 ms = 1000 * (time.time() - t_log) / len(losses)
+                rate = f"{throughput(job.flops, ms, dist.device, dist.world)} | " if job.flops else ""
                 log(f"{job.name} step {step:5d}/{job.iters} | loss {checked_loss():.4f} | lr {job.lr(step - 1):.2e} | "
-                    f"{ms:.0f} ms/iter | {job.frames * 1000 / ms:.0f} frames/s | "
-                    f"{throughput(job.flops * 1000 / ms, dist.device)} | ETA {(job.iters - step) * ms / 60000:.1f} min")
+                    f"{ms:.0f} ms/iter | {job.frames * 1000 / ms:.0f} frames/s | {rate}"
+                    f"ETA {(job.iters - step) * ms / 60000:.1f} min")
                 t_log, losses = time.time(), []
             stopping, due = dist.any(stop.signum, time.time() - t_ck > cfg.ckpt_seconds and step < job.iters)
             if stopping or due:                                 # decided together: a save is collective (the loss)
