@@ -355,14 +355,14 @@ def spread_clips(lengths, length, n):
     round by round: the first window of every episode, then the second of every episode that has one, and so on.
     Capped at the number of windows."""
     windows = [np.arange(1, L - length + 1, length) for L in lengths]           # starts of non-overlapping windows
-    rounds = [(i, w[r]) for r in range(max(map(len, windows))) for i, w in enumerate(windows) if r < len(w)]
-    if not rounds:
+    ok = [i for i, w in enumerate(windows) if len(w)]
+    if not ok:
         raise UserError(f"no held-out episode is long enough for clips of {length} frames (the longest holds "
                         f"{max(lengths)}): lower --horizon")
-    ok = [i for i, w in enumerate(windows) if len(w)]
     if n <= len(ok):
         e = [ok[j * len(ok) // n] for j in range(n)]
         return np.array(e), np.array([windows[i][j % len(windows[i])] for j, i in enumerate(e)])
+    rounds = [(i, windows[i][r]) for r in range(max(map(len, windows))) for i in ok if r < len(windows[i])]
     e, s = zip(*rounds[:n])
     return np.array(e), np.array(s)
 
