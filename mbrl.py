@@ -373,25 +373,42 @@ class Agent:
     def dream_tree(self, s, prev_action, cand, g, memo):
         """dream() for discrete actions as a search tree: a frame is a function of its world and its action prefix,
         so candidates that share a prefix (in this CEM iteration or an earlier one of the same decision: `memo`) share
-        its frame and keypoints, imagined once. One rollout step per depth, over the prefixes not seen yet."""
+        its frame and keypoints, imagined once. One rollout step per depth over the prefixes not seen yet, then one
+        keypoint pass over the new frames that a reward reads (depths 0..H-1)."""
         B, N, H = cand.shape
         k, rows = s.shape[1], cand.tolist()
+        seen, points = memo.setdefault("frames", {}), memo.setdefault("points", {})   # node -> frame, keypoints
         key = lambda b, n, h: (b,) + tuple(rows[b][n][:h])                    # a node: world and action prefix
-        frame = lambda b, p: memo[(b,) + p][0] if p else s[b, k - 1]          # a frame at depth len(p)
-        if not memo:
-            memo.update({(b,): (s[b, -1], p) for b, p in enumerate(self.reward.keypoints(s[:, -1]))})
+        frame = lambda q, d: seen[q[:d + 1]] if d >= 1 else s[q[0], k - 1 + d]  # node q's ancestor at depth d <= 0 too
         for h in range(1, H + 1):
-            new = list(dict.fromkeys(key(b, n, h) for b in range(B) for n in range(N) if key(b, n, h) not in memo))
+            new = list(dict.fromkeys(key(b, n, h) for b in range(B) for n in range(N) if key(b, n, h) not in seen))
             if not new:
                 continue
-            window = [[frame(q[0], q[1:d + 1]) if d >= 1 else s[q[0], k - 1 + d] for d in range(h - k, h)] for q in new]
+            window = torch.stack([torch.stack([frame(q, d) for d in range(h - k, h)]) for q in new])   # (U, k, C, S, S)
             acts = [[q[d] if d >= 1 else prev_action[q[0], k - 1 + d].item() for d in range(h - k, h + 1)] for q in new]
-            out = rollout(self.plan_wm, torch.stack([torch.stack(w) for w in window]), torch.tensor(acts, device=self.device),
-                          steps=self.cfg.plan_steps, temperature=0.0, generator=g)[:, 0].float()
-            memo.update(zip(new, zip(out, self.reward.keypoints(out))))
-        nodes = [[memo[key(b, n, h)] for h in range(H + 1)] for b in range(B) for n in range(N)]
-        frames = torch.stack([torch.stack([f for f, _ in row[1:]]) for row in nodes])
-        return frames, torch.stack([torch.stack([p for _, p in row[:-1]]) for row in nodes])
+            out = rollout(self.plan_wm, window, torch.tensor(acts, device=self.device), steps=self.cfg.plan_steps,
+                          temperature=0.0, generator=g)[:, 0].float()
+            seen.update(zip(new, out))
+        nodes = [[key(b, n, h) for h in range(H + 1)] for b in range(B) for n in range(N)]   # (B*N, H+1)
+        todo = list(dict.fromkeys(q for row in nodes for q in row[:-1] if q not in points))
+        if todo:
+            points.update(zip(todo, self.reward.keypoints(torch.stack([frame(q, len(q) - 1) for q in todo]))))
+        frames = torch.stack([torch.stack([seen[q] for q in row[1:]]) for row in nodes])
+        return frames, torch.stack([torch.stack([points[q] for q in row[:-1]]) for row in nodes])
+
+    def read_last(self, net, frames, cand):
+        """net (V, or the TD target V') on each rollout's last frame, (B*N, H, C, S, S) -> (B, N). A rollout is a
+        function of its world and its actions (one noise per world), so discrete candidates that repeat end on the
+        same frame: each distinct one is read once."""
+        B, N = cand.shape[:2]
+        last = frames[:, -1]
+        if not self.spec["discrete"]:
+            return net(last).view(B, N)
+        world = torch.arange(B, device=self.device).repeat_interleave(N)[:, None]
+        _, inv = torch.unique(torch.cat([world, cand.to(self.device).flatten(0, 1)], 1), dim=0, return_inverse=True)
+        one = torch.zeros(int(inv.max()) + 1, dtype=torch.long, device=self.device).scatter_(
+            0, inv, torch.arange(len(inv), device=self.device))                # a row for each distinct rollout
+        return net(last[one])[inv].view(B, N)
 
     @torch.no_grad()
     def score(self, s, prev_action, cand, g, memo=None):
@@ -399,7 +416,7 @@ class Agent:
         ret, tail, frames = self.imagine(s, prev_action, cand, g, memo)
         if self.cfg.value_iters == 0:                                         # no value function: rewards only
             return ret
-        return ret + tail * self.value(frames[:, -1]).view(ret.shape)
+        return ret + tail * self.read_last(self.value, frames, cand)
 
     def plan_scores(self, obs, prev_action, cand, g, memo=None):
         """score() from raw observations: the last k frames of each world (N, k, S, S, 3) uint8."""
@@ -420,7 +437,7 @@ class Agent:
         with torch.no_grad():
             a = self.lookahead_actions(len(s))                                 # (B, K[, A])
             ret, tail, frames = self.imagine(s, prev, a[:, :, None], self.g)   # one step per action
-            target = (ret + tail * self.target(frames[:, -1]).view(ret.shape)).max(1).values
+            target = (ret + tail * self.read_last(self.target, frames, a[:, :, None])).max(1).values
         return target - self.value(s[:, -1])
 
     @torch.no_grad()

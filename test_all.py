@@ -820,6 +820,11 @@ def test_discrete_planning_imagines_each_action_prefix_once():
     rows.clear()
     agent.imagine(s, prev, cand[:, [1, 0, 2]], g, memo)                    # the same prefixes again: nothing new
     assert rows == []
+    read, value = [], agent.value.forward                                 # each distinct last frame is valued once
+    agent.value.forward = lambda x: read.append(x.shape[0]) or value(x)
+    ret, tail, frames = agent.imagine(s, prev, cand, g, memo)
+    want = ret + tail * value(frames[:, -1]).view(2, 3)
+    assert torch.allclose(agent.score(s, prev, cand, g, memo), want, atol=1e-6) and read == [5]
 
 
 def test_value_iters_0_plans_on_rewards_alone():
