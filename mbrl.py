@@ -374,7 +374,7 @@ class Agent:
         """dream() for discrete actions as a search tree: a frame is a function of its world and its action prefix,
         so candidates that share a prefix (in this CEM iteration or an earlier one of the same decision: `memo`) share
         its frame and keypoints, imagined once. One rollout step per depth over the prefixes not seen yet, then one
-        keypoint pass over the new frames that a reward reads (depths 0..H-1)."""
+        keypoint pass over the nodes at depths 0..H-1 (the ones a reward reads) not yet in the memo."""
         B, N, H = cand.shape
         k, rows = s.shape[1], cand.tolist()
         seen, points = memo.setdefault("frames", {}), memo.setdefault("points", {})   # node -> frame, keypoints
@@ -396,19 +396,19 @@ class Agent:
         frames = torch.stack([torch.stack([seen[q] for q in row[1:]]) for row in nodes])
         return frames, torch.stack([torch.stack([points[q] for q in row[:-1]]) for row in nodes])
 
-    def read_last(self, net, frames, cand):
-        """net (V, or the TD target V') on each rollout's last frame, (B*N, H, C, S, S) -> (B, N). A rollout is a
-        function of its world and its actions (one noise per world), so discrete candidates that repeat end on the
-        same frame: each distinct one is read once."""
+    def read_last(self, net, frames, cand, memo=None):
+        """net (V, or the TD target V') on each rollout's last frame, (B*N, H, C, S, S) -> (B, N). With a decision's
+        memo (dream_tree), a last frame is a leaf of the tree, its world and action sequence: each distinct one is
+        read once per decision, however many candidates of however many CEM iterations end on it."""
         B, N = cand.shape[:2]
-        last = frames[:, -1]
-        if not self.spec["discrete"]:
-            return net(last).view(B, N)
-        world = torch.arange(B, device=self.device).repeat_interleave(N)[:, None]
-        _, inv = torch.unique(torch.cat([world, cand.to(self.device).flatten(0, 1)], 1), dim=0, return_inverse=True)
-        one = torch.zeros(int(inv.max()) + 1, dtype=torch.long, device=self.device).scatter_(
-            0, inv, torch.arange(len(inv), device=self.device))                # a row for each distinct rollout
-        return net(last[one])[inv].view(B, N)
+        if memo is None or not self.spec["discrete"]:
+            return net(frames[:, -1]).view(B, N)
+        read = memo.setdefault("last", {})
+        leaves = [(b,) + tuple(row) for b, rows in enumerate(cand.tolist()) for row in rows]   # (B*N,) leaf keys
+        new = list(dict.fromkeys(q for q in leaves if q not in read))
+        if new:
+            read.update(zip(new, net(torch.stack([memo["frames"][q] for q in new]))))
+        return torch.stack([read[q] for q in leaves]).view(B, N)
 
     @torch.no_grad()
     def score(self, s, prev_action, cand, g, memo=None):
@@ -416,7 +416,7 @@ class Agent:
         ret, tail, frames = self.imagine(s, prev_action, cand, g, memo)
         if self.cfg.value_iters == 0:                                         # no value function: rewards only
             return ret
-        return ret + tail * self.read_last(self.value, frames, cand)
+        return ret + tail * self.read_last(self.value, frames, cand, memo)
 
     def plan_scores(self, obs, prev_action, cand, g, memo=None):
         """score() from raw observations: the last k frames of each world (N, k, S, S, 3) uint8."""
@@ -437,7 +437,7 @@ class Agent:
         with torch.no_grad():
             a = self.lookahead_actions(len(s))                                 # (B, K[, A])
             ret, tail, frames = self.imagine(s, prev, a[:, :, None], self.g)   # one step per action
-            target = (ret + tail * self.read_last(self.target, frames, a[:, :, None])).max(1).values
+            target = (ret + tail * self.target(frames[:, -1]).view(ret.shape)).max(1).values
         return target - self.value(s[:, -1])
 
     @torch.no_grad()

@@ -820,11 +820,17 @@ def test_discrete_planning_imagines_each_action_prefix_once():
     rows.clear()
     agent.imagine(s, prev, cand[:, [1, 0, 2]], g, memo)                    # the same prefixes again: nothing new
     assert rows == []
-    read, value = [], agent.value.forward                                 # each distinct last frame is valued once
+    read, value = [], agent.value.forward               # each distinct last frame is valued once per decision
+    points, keypoints = [], agent.reward.keypoints      # and each node's keypoints found once, in one pass
     agent.value.forward = lambda x: read.append(x.shape[0]) or value(x)
+    agent.reward.keypoints = lambda x: points.append(x.shape[0]) or keypoints(x)
+    memo = {}
     ret, tail, frames = agent.imagine(s, prev, cand, g, memo)
+    assert points == [4 + 5]                                              # the nodes at depths 0..2: 4 in world 0, 5 in 1
     want = ret + tail * value(frames[:, -1]).view(2, 3)
     assert torch.allclose(agent.score(s, prev, cand, g, memo), want, atol=1e-6) and read == [5]
+    agent.score(s, prev, cand[:, [2, 1, 0]], g, memo)                     # another CEM iteration: nothing new
+    assert read == [5] and points == [9]
 
 
 def test_value_iters_0_plans_on_rewards_alone():
