@@ -397,7 +397,7 @@ class Agent:
         return frames, torch.stack([torch.stack([points[q] for q in row[:-1]]) for row in nodes])
 
     def read_last(self, net, frames, cand, memo=None):
-        """net (V, or the TD target V') on each rollout's last frame, (B*N, H, C, S, S) -> (B, N). With a decision's
+        """A network (the value V) on each rollout's last frame, (B*N, H, C, S, S) -> (B, N). With a decision's
         memo (dream_tree), a last frame is a leaf of the tree, its world and action sequence: each distinct one is
         read once per decision, however many candidates of however many CEM iterations end on it."""
         B, N = cand.shape[:2]
