@@ -396,18 +396,18 @@ class Agent:
         frames = torch.stack([torch.stack([seen[q] for q in row[1:]]) for row in nodes])
         return frames, torch.stack([torch.stack([points[q] for q in row[:-1]]) for row in nodes])
 
-    def read_last(self, net, frames, cand, memo=None):
-        """A network (the value V) on each rollout's last frame, (B*N, H, C, S, S) -> (B, N). With a decision's
+    def read_last(self, frames, cand, memo=None):
+        """The value V of each rollout's last frame, (B*N, H, C, S, S) -> (B, N). With a decision's
         memo (dream_tree), a last frame is a leaf of the tree, its world and action sequence: each distinct one is
         read once per decision, however many candidates of however many CEM iterations end on it."""
         B, N = cand.shape[:2]
         if memo is None or not self.spec["discrete"]:
-            return net(frames[:, -1]).view(B, N)
+            return self.value(frames[:, -1]).view(B, N)
         read = memo.setdefault("last", {})
         leaves = [(b,) + tuple(row) for b, rows in enumerate(cand.tolist()) for row in rows]   # (B*N,) leaf keys
         new = list(dict.fromkeys(q for q in leaves if q not in read))
         if new:
-            read.update(zip(new, net(torch.stack([memo["frames"][q] for q in new]))))
+            read.update(zip(new, self.value(torch.stack([memo["frames"][q] for q in new]))))
         return torch.stack([read[q] for q in leaves]).view(B, N)
 
     @torch.no_grad()
@@ -416,7 +416,7 @@ class Agent:
         ret, tail, frames = self.imagine(s, prev_action, cand, g, memo)
         if self.cfg.value_iters == 0:                                         # no value function: rewards only
             return ret
-        return ret + tail * self.read_last(self.value, frames, cand, memo)
+        return ret + tail * self.read_last(frames, cand, memo)
 
     def plan_scores(self, obs, prev_action, cand, g, memo=None):
         """score() from raw observations: the last k frames of each world (N, k, S, S, 3) uint8."""
