@@ -52,7 +52,7 @@ class DataConfig:
     expert_p: float = 0.3     # behaviour policy (built-in worlds): scripted expert with this probability...
     sticky: float = 0.75      # ...else a random action, repeated with this probability (the only policy of a game)
     resample_still: float = 0.8   # an action that would not move the agent is redrawn with this probability
-    frame_skip: int = 1       # gym: each action repeated this many times (Atari's v5 games skip 4 frames already)
+    frame_skip: int = 0       # gym: each action repeated this many times; 0: the game's default (GymEnv.auto_skip)
     seed: int = 0
     data_dir: str = "data_cache"
     folder: str = ""          # labelled episodes on disk (train.py --data), instead of generated ones
@@ -64,7 +64,7 @@ class DataConfig:
 
 def play_episodes(env, policy, steps):
     """Play env.num episodes at once with policy(obs (N, S, S, 3) uint8, t) -> actions, for `steps` steps
-    or until each terminates. Returns the episode layout every corpus uses:
+    or until every one has terminated. Returns the episode layout every corpus uses:
         frames (N, steps+1, S, S, 3) uint8  frame t+1 follows actions[t]; after the end, the last frame repeats
         actions (N, steps[, A]), rewards (N, steps), ends (N, steps) bool, lengths (N,) frames up to the end."""
     obs, _ = env.reset()
@@ -84,6 +84,9 @@ def play_episodes(env, policy, steps):
         actions[:, t], rewards[:, t], ends[:, t] = a, r * alive, term & alive
         lengths[alive & term] = t + 2
         alive &= ~term
+        if not alive.any():                                # every episode has ended: the policy is not asked again
+            frames[:, t + 2:] = frames[:, t + 1, None]
+            break
     return dict(frames=frames, actions=actions, rewards=rewards, ends=ends, lengths=lengths)
 
 
@@ -416,7 +419,8 @@ def main():
     p.add_argument("--episode_len", type=int, default=None, help="--record: steps per episode (default 32; 64 for games)")
     p.add_argument("--frames_only", action="store_true", help="--record: leave the actions out (a corpus of videos)")
     p.add_argument("--sticky", type=float, default=0.75, help="--record: a random action repeats with this probability")
-    p.add_argument("--frame_skip", type=int, default=1, help="--record, gym: repeat each action this many times")
+    p.add_argument("--frame_skip", type=int, default=0, help="--record, gym: repeat each action this many times "
+                   "(0: the game's default, 2 for CartPole's 50 steps a second, 1 for Atari)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     if a.list:

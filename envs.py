@@ -338,18 +338,20 @@ def keys_for(n_actions, meanings=None, action_dim=0):
 class GymEnv(Env):
     """N copies of a gymnasium environment, stepped one after another; frames resized to size x size. Discrete(n)
     actions are ids; Box(A,) actions are vectors in [-1, 1]^A, scaled to the environment's bounds. The frame is the
-    observation where that is an image (Atari), else env.render(). Each action is repeated frame_skip times (Atari's
-    v5 games skip 4 frames already). Atari games are made with repeat_action_probability=0: sticky actions would
+    observation where that is an image (Atari), else env.render(). Each action is repeated frame_skip times; 0 picks
+    it from the game (auto_skip). Atari games are made with repeat_action_probability=0: sticky actions would
     make a replay from a restored state inexact. States: Atari's cloneState, else a copy of the environment's own
     attributes (classic control keeps its whole state there). Making and seeding a copy can be slow (Atari reloads
     its ROM: ~0.2 s), so a reset without a seed continues each copy's own random stream instead."""
     max_copies = 16
 
-    def __init__(self, env_id, num=1, size=64, max_steps=64, seed=0, frame_skip=1):
+    control_hz = 25      # the agent's step rate that auto_skip aims for, in steps per second of game time
+
+    def __init__(self, env_id, num=1, size=64, max_steps=64, seed=0, frame_skip=0):
         super().__init__(num, size, max_steps)
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")                   # frames are rendered off screen
         self.gym = need("gymnasium", f"gym:{env_id}")
-        self.id, self.name, self.frame_skip, self.kw, self.seed = env_id, f"gym:{env_id}", frame_skip, {}, int(seed)
+        self.id, self.name, self.kw, self.seed = env_id, f"gym:{env_id}", {}, int(seed)
         if env_id.startswith("ALE/"):
             self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
             self.kw = dict(repeat_action_probability=0.0)
@@ -364,6 +366,15 @@ class GymEnv(Env):
         meanings = u.get_action_meanings() if hasattr(u, "get_action_meanings") else None
         self.keys = keys_for(self.n_actions, meanings, self.action_dim)
         self.image_obs = len(self.envs[0].observation_space.shape or ()) == 3
+        self.frame_skip = frame_skip or self.auto_skip()
+
+    def auto_skip(self):
+        """The frame skip where the game has none: games seen through their rendering (classic control, MuJoCo) step
+        at their render_fps; an action's effect on a small frame is visible only over a few of CartPole's 50 steps a
+        second, so they repeat each action to act at about control_hz. Games whose observation is the image (Atari's
+        v5 skips 4 frames itself) keep their own rate."""
+        fps = self.envs[0].metadata.get("render_fps") or self.control_hz
+        return 1 if self.image_obs else max(1, round(fps / self.control_hz))
 
     def _make(self, i):
         """Copy i, reset once with seed + i (gymnasium refuses a step before a reset, even into a restored state)."""
@@ -410,7 +421,8 @@ class GymEnv(Env):
             return e.unwrapped.ale.cloneState()
         return {k: copy.deepcopy(v) for k, v in vars(e.unwrapped).items() if k not in self.not_state}
 
-    not_state = ("screen", "clock", "spec", "render_mode", "isopen")              # the window, not the simulation
+    not_state = ("screen", "clock", "spec", "render_mode", "isopen",              # the window, not the simulation,
+                 "action_space", "observation_space")                         # nor the spaces (and their samplers)
 
     @property
     def restorable(self):
@@ -495,10 +507,12 @@ class ProcgenEnv(Env):
         self.last, self.done, self.t = state["last"].copy(), state["done"].copy(), state["t"]
 
 
-def make_env(name, num=1, size=32, max_steps=32, seed=0, frame_skip=1):
-    """The environment called `name`: a built-in world, gym:<id> or procgen:<game>."""
-    if frame_skip < 1:
-        raise UserError(f"--frame_skip {frame_skip}: each action is repeated at least once, pass 1 or more")
+def make_env(name, num=1, size=32, max_steps=32, seed=0, frame_skip=0):
+    """The environment called `name`: a built-in world, gym:<id> or procgen:<game>. frame_skip (gym): each action
+    repeated this many times, 0: the game's own choice (GymEnv.auto_skip)."""
+    if frame_skip < 0:
+        raise UserError(f"--frame_skip {frame_skip}: pass 1 or more (each action repeated that many times), "
+                        f"or 0 for the game's default")
     if num < 1:
         raise UserError(f"{name}: {num} copies asked for; need at least 1 (episodes, clips or worlds)")
     if name.startswith("gym:"):

@@ -84,11 +84,14 @@ class MBRLConfig:
     depth: int = opt(3, "world-model blocks")
     # data and training
     episode_len: int = opt(None, "steps per episode at most (default: 32 for the built-in worlds, 200 for games)")
+    frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (2 for CartPole)")
     seed_episodes: int = opt(512, "random-action episodes before the first fit")
     rounds: int = opt(4, "act -> add data -> update rounds")
     episodes: int = opt(8, "MPC episodes played in the real world per round")
     explore: float = opt(0.2, "probability of a random action while collecting")
     fit_iters: int = opt(4000, "world-model iterations of the first fit")
+    motion_weight: float = opt(None, "motion-reinforced loss weight c (loss.py; default: 0 for the built-in worlds, 4 for "
+                                     "games, as train.py's games preset: their controlled objects are a few pixels)")
     model_alpha: float = opt(1.0, "world-model replay: clips drawn with P ∝ (one-step error)^a; 0: uniform")
     update_iters: int = opt(300, "world-model iterations per round")
     value_iters: int = opt(30, "value-function TD updates per round (and after the first fit); 0: no terminal value")
@@ -118,6 +121,11 @@ class MBRLConfig:
         self.size = self.size or (init["size"] if init else 32 if game else 16)
         self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
         self.episode_len = self.episode_len or (200 if game else 32)
+        self.motion_weight = (4.0 if game else 0.0) if self.motion_weight is None else self.motion_weight
+
+    def world(self, size, num, seed=0):
+        """num copies of the environment, as every part of the loop makes it."""
+        return make_env(self.env, num=num, seed=seed, size=size, max_steps=self.episode_len, frame_skip=self.frame_skip)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +313,7 @@ class Agent:
         self.replay.grow(len(episode) - len(self.replay.p))
         pairs = ClipSampler(buffer, 2, seed=rng_seed + 1)
         loss = loss_r = torch.tensor(float("nan"))                          # iters = 0: only the priorities grow
-        for _ in range(iters):
+        for _ in tqdm(range(iters), desc="world model and reward head", unit="it", disable=None, leave=False):
             idx, _ = self.replay.sample(self.cfg.batch_size)
             b = wm_clips.clips(episode[idx], start[idx])
             loss = self.model_step(b["frames"].to(self.device), b["actions"].to(self.device), idx)
@@ -315,7 +323,7 @@ class Agent:
 
     def model_step(self, frames, actions, idx):
         self.wm.train()
-        loss = LOSSES[self.kind](self.wm, frames, actions, 0.0, cell=self.wm.backbone.cell, generator=self.g)
+        loss = LOSSES[self.kind](self.wm, frames, actions, self.cfg.motion_weight, cell=self.wm.backbone.cell, generator=self.g)
         self.opt_wm.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(self.wm.parameters(), 1.0); self.opt_wm.step()
         if self.replay.alpha > 0:
@@ -554,25 +562,26 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar):
     Returns {kind: (curve [(real steps, mean eval return)], decision times, wall seconds)}."""
     t0 = time.time()
     agent = Agent(cfg, spec, device, seed)
-    world_kw = dict(size=agent.size, max_steps=cfg.episode_len)
     rng = np.random.default_rng(seed)
-    uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0, resample_still=0)
+    uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0, resample_still=0,
+                         frame_skip=cfg.frame_skip)
     buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
     wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
     log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
         f"world-model loss {wl:.4f} | reward loss {rl:.4f} | {time.time() - t0:.0f} s")
     shared, out = time.time() - t0, {}
-    desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len)))
+    desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len,
+                                                         frame_skip=cfg.frame_skip)))
     for kind in kinds:
         t1 = time.time()
         twin = agent.clone()
-        curve, times = online(cfg, seed, kind, twin, buffer, copy.deepcopy(rng), spec, world_kw, log, bar)
+        curve, times = online(cfg, seed, kind, twin, buffer, copy.deepcopy(rng), spec, log, bar)
         save_checkpoint(os.path.join(cfg.out, f"world_model_{kind}_seed{seed}.pt"), twin.checkpoint(desc))
         out[kind] = (curve, times, shared + time.time() - t1)
     return out
 
 
-def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
+def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar):
     """From a fitted agent: train the value by TD in imagination (start states by `kind`), then --rounds of
     (evaluate, every --eval_every rounds) -> act with MPC in the real world -> add the data -> update; a last evaluation.
     Acting draws from agent.g and rng; each evaluation from generators of its own, so it changes nothing."""
@@ -581,7 +590,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
     curve, dec_times = [], []
 
     def evaluate():
-        w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **world_kw)
+        w = cfg.world(agent.size, cfg.eval_episodes, seed=10_000 + seed)
         act, times = mpc_policy(w, agent.plan_scores, spec, cfg, make_generator(agent.device, 10_000 + seed))
         R = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
         dec_times.extend(times)
@@ -604,7 +613,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
     for r in range(cfg.rounds):
         if r % cfg.eval_every == 0:
             evaluate()
-        w = make_env(cfg.env, num=cfg.episodes, seed=int(rng.integers(1 << 30)), **world_kw)
+        w = cfg.world(agent.size, cfg.episodes, seed=int(rng.integers(1 << 30)))
         act, _ = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g, cfg.explore, rng)
         eps = play_episodes(w, act, cfg.episode_len)
         buffer = merge(buffer, eps)
@@ -617,14 +626,13 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, world_kw, log, bar):
 def baselines(cfg, seed, spec, size):
     """Random actions and the planner in the true simulator (where its state can be restored; else NaN), on the
     evaluation episodes of this seed."""
-    kw = dict(size=size, max_steps=cfg.episode_len)
     rng = np.random.default_rng(seed)
-    w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
+    w = cfg.world(size, cfg.eval_episodes, seed=10_000 + seed)
     R_rand = float(episode_return(play_episodes(w, lambda o, t: w.random_action(rng), cfg.episode_len)).mean())
-    w = make_env(cfg.env, num=cfg.eval_episodes, seed=10_000 + seed, **kw)
+    w = cfg.world(size, cfg.eval_episodes, seed=10_000 + seed)
     if not w.restorable:                                  # no state to plan in: random actions are the only baseline
         return R_rand, float("nan"), float("nan")
-    sim = make_env(cfg.env, num=cfg.eval_episodes, **kw)
+    sim = cfg.world(size, cfg.eval_episodes)
     act, times = mpc_policy(w, lambda obs, prev, cand, g, memo: true_scores_of(w, sim, cand, cfg.gamma), spec, cfg,
                             make_generator("cpu", seed))
     R_orc = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
@@ -672,7 +680,7 @@ def bench(cfg, spec, device, why, log):
     """The time of one MPC decision for one world in the learned simulator (untrained weights: the cost does not
     depend on them); the first decision (warm-up) is not counted."""
     agent = Agent(cfg, spec, device, seed=0)
-    w = make_env(cfg.env, num=1, seed=0, size=agent.size, max_steps=cfg.episode_len)
+    w = cfg.world(agent.size, 1)
     obs, _ = w.reset()
     act, times = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g)
     for t in tqdm(range(cfg.bench + 1), desc="decisions", disable=None, leave=False):

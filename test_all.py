@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from envs import UserError, WORLDS, locate_agent, make_env
-from data import DataConfig, generate_episodes
+from data import DataConfig, generate_episodes, play_episodes
 from model import ARConfig, DiT, DiTConfig, VideoGPT
 from adapter import WorldModel
 from loss import LOSSES, flow_matching_loss, motion_weights
@@ -917,8 +917,7 @@ def test_mbrl_seeds_are_independent_and_evaluation_changes_nothing():
     bar, log = type("Bar", (), {"update": lambda self, n: None})(), lambda msg: None
     ends = []
     for every, agent in ((1, a0), (10, twin)):
-        online(replace(cfg, eval_every=every), 0, "prioritized", agent, buf, np.random.default_rng(3), spec,
-               dict(size=16, max_steps=6), log, bar)
+        online(replace(cfg, eval_every=every), 0, "prioritized", agent, buf, np.random.default_rng(3), spec, log, bar)
         ends.append(agent.wm.state_dict() | {"v." + k: v for k, v in agent.value.state_dict().items()})
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
     assert torch.equal(torch.get_rng_state(), before)
@@ -1001,7 +1000,7 @@ def test_unknown_environments_and_missing_packages_are_one_line_errors():
     with pytest.raises(UserError, match="unknown environment"):
         make_env("no_such_world")
     with pytest.raises(UserError, match="frame_skip"):
-        make_env("coin", frame_skip=0)
+        make_env("coin", frame_skip=-1)
     with pytest.raises(UserError, match="gym:"):
         game("gymnasium")
         make_env("gym:NoSuchGame-v0")
@@ -1013,6 +1012,29 @@ def test_copies_of_a_gym_game_start_apart():
     env = make_env("gym:CartPole-v1", num=3, size=32, seed=0)
     starts = [tuple(e.unwrapped.state) for e in env.envs]
     assert len(set(starts)) == 3 and env.restorable
+
+
+def test_rendered_games_act_at_about_25_steps_a_second_unless_told():
+    """frame_skip 0 picks the game's own rate: CartPole renders 50 steps a second, so each action is repeated twice
+    (at one step an action moves the pole's tip by a tenth of a pixel of a 32-px frame); Atari's v5 games, whose
+    observation is the image and which skip 4 frames themselves, and 30-fps classic control, once. A number given wins."""
+    game("gymnasium")
+    assert make_env("gym:CartPole-v1").frame_skip == 2
+    assert make_env("gym:MountainCarContinuous-v0").frame_skip == 1
+    assert make_env("gym:CartPole-v1", frame_skip=3).frame_skip == 3
+    game("ale_py")
+    assert make_env("gym:ALE/Breakout-v5").frame_skip == 1
+
+
+def test_episodes_stop_asking_the_policy_once_every_one_has_ended():
+    """A planner is asked for actions only while some episode runs (CartPole's random episodes end after ~8 of 200
+    steps); the frames after an end repeat the last one, as the episode layout says."""
+    game("gymnasium")
+    env, calls = make_env("gym:CartPole-v1", num=3, size=32, max_steps=200, seed=0), []
+    rng = np.random.default_rng(0)
+    ep = play_episodes(env, lambda obs, t: calls.append(t) or env.random_action(rng), 200)
+    assert len(calls) == ep["lengths"].max() - 1 < 200
+    assert ep["ends"].sum() == 3 and (ep["frames"][:, -1] == ep["frames"][np.arange(3), ep["lengths"] - 1]).all()
 
 
 def test_procgen_corpora_from_nearby_seeds_share_no_levels():
@@ -1032,7 +1054,7 @@ def test_games_train_roll_out_and_measure_control(tmp_path, name, backbone):
     game("procgen" if name.startswith("procgen") else "ale_py" if "ALE" in name else "gymnasium")
     r = run("train.py", "--env", name, "--backbone", backbone, "--out", str(tmp_path / "o"), "--data_dir",
             str(tmp_path / "d"), "--max_iters", "2", "--episode_len", "12", "--clip_len", "2", "--patch", "8", *TINY_FLAGS,
-            "--size", "32", "--horizon", "10", "--eval_clips", "8")   # a cart moves ~1/8 px a step at 32 px
+            "--size", "32", "--horizon", "10", "--eval_clips", "8", "--frame_skip", "1")   # a cart moves ~1/8 px a step
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "o" / "metrics.json"))
     assert {"control_psnr", "control_psnr_wrong", "control_pixels"} <= set(m) and "pos_err" not in m
@@ -1041,6 +1063,16 @@ def test_games_train_roll_out_and_measure_control(tmp_path, name, backbone):
     model, ck = load_model(str(tmp_path / "o" / "ckpt.pt"))
     acts = torch.zeros((2, 4), dtype=torch.long) if ck["spec"]["discrete"] else torch.zeros(2, 4, ck["spec"]["action_dim"])
     assert rollout(model, torch.zeros(2, 1, 3, 32, 32), acts).shape == (2, 3, 3, 32, 32)
+
+
+def test_counterfactual_start_states_make_up_for_episodes_that_end_on_the_way():
+    """A start state is reached by k + 8 steps of the behaviour policy; copies whose episode ends on the way are left
+    out (CartPole's random episodes last ~8 steps), so more batches are played until there are as many as asked."""
+    game("gymnasium")
+    from train import TrainConfig, counterfactuals
+    cfg = TrainConfig(env="gym:CartPole-v1", size=32, horizon=4, eval_clips=24)
+    ctx, ctx_a, A, A_other, truth_A, truth_B = counterfactuals(cfg, 2, 24)
+    assert len(ctx) == len(truth_B) == 24 and truth_A.shape == (24, 4, 32, 32, 3)
 
 
 def test_a_model_blind_to_actions_scores_the_same_under_other_actions():

@@ -92,7 +92,8 @@ class TrainConfig:
     n_free: int = opt(None, "episodes in the action-free corpus")
     n_labelled: int = opt(None, "episodes in the action-labelled corpus")
     episode_len: int = opt(None, "steps per generated episode")
-    frame_skip: int = opt(1, "gym: repeat each action this many frames (Atari's v5 games skip 4 already)")
+    frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (about 25 actions a "
+                             "second of game time for rendered games such as CartPole: 2; 1 for Atari, which skips 4)")
     # --- the rest
     warmup: int = opt(100, "learning-rate warm-up iterations")
     min_lr_frac: float = opt(0.1, "cosine decay ends at lr * this")
@@ -265,7 +266,12 @@ def counterfactuals(cfg, k, n):
     copies = min(n, GymEnv.max_copies if cfg.env.startswith("gym:") else n)   # (games: a few copies, reused)
     env = make_env(cfg.env, num=copies, size=cfg.size, max_steps=10 ** 6, seed=10 ** 6 + cfg.seed, frame_skip=cfg.frame_skip)
     policy = behaviour_policy(env, DataConfig(env=cfg.env), np.random.default_rng(10 ** 6 + cfg.seed))
-    parts = [counterfactual_batch(env, policy, k, cfg.horizon) for _ in range(-(-n // copies))]
+    parts, have = [], 0
+    for _ in range(16 * -(-n // copies)):             # copies whose episode ends on the way are left out: more batches
+        parts.append(counterfactual_batch(env, policy, k, cfg.horizon))
+        have += len(parts[-1][0])
+        if have >= n:
+            break
     return tuple(np.concatenate([p[i] for p in parts])[:n] for i in range(6))
 
 
@@ -307,6 +313,9 @@ def control_eval(model, cfg, k, device):
         control_pixels      the mean fraction of pixels the actions decide
     A model that ignores actions scores the same on both; the gap is control."""
     ctx, ctx_a, A, A_other, truth_A, truth_B = counterfactuals(cfg, k, cfg.eval_clips)
+    if len(ctx) == 0:
+        return dict(control=f"not measured: every episode of the behaviour policy ended in the {k + 8} steps that lead "
+                            f"to a start state, so there was no future to compare")
     x, tA, tB = (to_float(f, device) for f in (ctx, truth_A, truth_B))
     tensor = lambda a: torch.as_tensor(a, device=device)
     pred_A, pred_B = (rollout(model, x, torch.cat([tensor(ctx_a), tensor(acts)], 1), generator=make_generator(device, cfg.seed),
@@ -314,6 +323,9 @@ def control_eval(model, cfg, k, device):
     diff = torch.as_tensor(np.abs(truth_A.astype(np.int16) - truth_B).max(-1) > 8, device=device).float()   # (n, H, S, S)
     mask = F.max_pool2d(diff.flatten(0, 1)[:, None], 3, 1, 1)[:, 0].view(diff.shape)
     some = mask.flatten(1).sum(1) > 0                                    # clips where the actions changed anything
+    if not some.any():
+        return dict(control=f"not measured: the actions changed no pixel in {cfg.horizon} steps from any of {len(ctx)} "
+                            f"start states; raise --horizon", control_pixels=0.0, control_clips=0)
     right = (masked_psnr(pred_A, tA, mask) + masked_psnr(pred_B, tB, mask)) / 2
     wrong = (masked_psnr(pred_B, tA, mask) + masked_psnr(pred_A, tB, mask)) / 2
     return dict(control_psnr=right[some].mean().item(), control_psnr_wrong=wrong[some].mean().item(),
