@@ -433,7 +433,7 @@ def main():
         if not a.out:
             raise UserError("--record needs --out DIR: the folder to write the episodes to")
         return record(a.record, a.episodes, a.out, size, episode_len, a.frames_only, a.seed, a.sticky, a.frame_skip)
-    ep = generate_episodes(DataConfig(env=env, size=size, episode_len=episode_len), 4, seed=a.seed)
+    ep = generate_episodes(DataConfig(env=env, size=size, episode_len=episode_len, frame_skip=a.frame_skip), 4, seed=a.seed)
     if a.preview:
         from PIL import Image
         fr = np.concatenate(list(ep["frames"]), axis=2)                    # (L+1, S, 4S, 3)

@@ -116,12 +116,16 @@ class MBRLConfig:
 
     def __post_init__(self):
         """The frame size and context that depend on the environment (or on the --init_from checkpoint)."""
-        init = read_checkpoint(self.init_from)["model_args"] if self.init_from else None
+        ck = read_checkpoint(self.init_from) if self.init_from else None
+        init = ck["model_args"] if ck else None
         game = ":" in self.env
         self.size = self.size or (init["size"] if init else 32 if game else 16)
         self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
         self.episode_len = self.episode_len or (200 if game else 32)
         self.motion_weight = (4.0 if game else 0.0) if self.motion_weight is None else self.motion_weight
+        if not self.frame_skip:                     # 0: the checkpoint's, else the game's own, stored as the number it is
+            self.frame_skip = ((ck["data"].get("frame_skip") if ck else 0) or
+                               getattr(make_env(self.env, frame_skip=self.frame_skip), "frame_skip", 0))
 
     def world(self, size, num, seed=0):
         """num copies of the environment, as every part of the loop makes it."""
