@@ -142,7 +142,7 @@ def _where(mask, a, b):
 # ----------------------------------------------------------------------------------------------
 # episodes on disk
 
-def write_folder(path, episodes, env, size, spec, progress=None):
+def write_folder(path, episodes, env, size, spec, progress=None, frame_skip=None):
     """Write episodes (an iterator of dicts in the episode layout) as a folder in the documented format, atomically
     (a temporary folder renamed into place). Returns the number of episodes written."""
     tmp, n = path.rstrip("/") + f".tmp{os.getpid()}", 0
@@ -153,7 +153,8 @@ def write_folder(path, episodes, env, size, spec, progress=None):
         if progress:
             progress(n)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(format=FORMAT, env=env, size=size, spec=spec, episodes=n), f, indent=1)
+        json.dump(dict(format=FORMAT, env=env, size=size, spec=spec, episodes=n,
+                       **({"frame_skip": frame_skip} if frame_skip else {})), f, indent=1)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return n
@@ -173,6 +174,9 @@ def read_meta(path):
     spec = meta.get("spec")
     if spec is not None and (not isinstance(spec, dict) or {"discrete", "n_actions", "action_dim"} - set(spec)):
         raise UserError(f"{f}: 'spec' must be {{\"discrete\": ..., \"n_actions\": ..., \"action_dim\": ...}}")
+    skip = meta.get("frame_skip")
+    if skip is not None and (not isinstance(skip, int) or isinstance(skip, bool) or skip < 1):
+        raise UserError(f"{f}: 'frame_skip' is {skip!r}; write the number of frames each action was repeated (1 or more)")
     return meta
 
 
@@ -390,7 +394,8 @@ def record(env_name, episodes, out, size, episode_len, frames_only, seed, sticky
     if os.path.exists(out) and os.listdir(out):
         raise UserError(f"{out} already exists and is not empty: choose another --out")
     cfg = DataConfig(env=env_name, size=size, episode_len=episode_len, sticky=sticky, frame_skip=frame_skip, seed=seed)
-    spec = make_env(env_name, num=1, size=size, max_steps=episode_len, frame_skip=frame_skip).spec
+    env = make_env(env_name, num=1, size=size, max_steps=episode_len, frame_skip=frame_skip)
+    spec, frame_skip = env.spec, getattr(env, "frame_skip", None)          # the number used (0: the game's own)
     from tqdm import tqdm
     bar, t0 = tqdm(total=episodes, desc=f"recording {env_name}", unit="episode", disable=None), time.time()
 
@@ -398,7 +403,8 @@ def record(env_name, episodes, out, size, episode_len, frames_only, seed, sticky
         for i in range(0, episodes, 256):
             ep = generate_episodes(cfg, min(256, episodes - i), seed * 1000 + i)
             yield {k: ep[k] for k in ("frames", "lengths")} if frames_only else ep
-    n = write_folder(out, shards(), env_name, size, None if frames_only else spec, progress=lambda k: bar.update(k - bar.n))
+    n = write_folder(out, shards(), env_name, size, None if frames_only else spec, progress=lambda k: bar.update(k - bar.n),
+                     frame_skip=frame_skip)
     bar.close()
     print(f"wrote {n} {'action-free' if frames_only else 'labelled'} episodes of {env_name} ({size}x{size}, "
           f"{episode_len} steps) to {out} in {time.time() - t0:.0f} s")

@@ -1015,7 +1015,7 @@ def test_copies_of_a_gym_game_start_apart():
     assert len(set(starts)) == 3 and env.restorable
 
 
-def test_rendered_games_act_at_about_25_steps_a_second_unless_told():
+def test_rendered_games_act_at_about_25_steps_a_second_unless_told(tmp_path):
     """frame_skip 0 picks the game's own rate: CartPole renders 50 steps a second, so each action is repeated twice
     (at one step an action moves the pole's tip by a tenth of a pixel of a 32-px frame); Atari's v5 games, whose
     observation is the image and which skip 4 frames themselves, and 30-fps classic control, once. A number given wins."""
@@ -1023,6 +1023,12 @@ def test_rendered_games_act_at_about_25_steps_a_second_unless_told():
     assert make_env("gym:CartPole-v1").frame_skip == 2
     assert make_env("gym:MountainCarContinuous-v0").frame_skip == 1
     assert make_env("gym:CartPole-v1", frame_skip=3).frame_skip == 3
+    from data import read_meta, record
+    record("gym:CartPole-v1", 2, str(tmp_path / "rec"), 32, 6, False, 0, 0.75, 0)
+    assert read_meta(str(tmp_path / "rec"))["frame_skip"] == 2              # what train.py --data replays at
+    json.dump(dict(format="nanoworld-episodes-1", frame_skip="2"), open(tmp_path / "rec" / "meta.json", "w"))
+    with pytest.raises(UserError, match="frame_skip"):
+        read_meta(str(tmp_path / "rec"))
     game("ale_py")
     assert make_env("gym:ALE/Breakout-v5").frame_skip == 1
 

@@ -165,6 +165,7 @@ def resolve(cfg, device):
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
         meta = read_meta(cfg.data) if os.path.isdir(cfg.data) else {}
         cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
+        cfg.frame_skip = cfg.frame_skip or meta.get("frame_skip") or 0    # as recorded (the control measure replays it)
     else:                                             # 0: the game's own frame skip, stored as the number it is
         cfg.frame_skip = getattr(make_env(cfg.env, frame_skip=cfg.frame_skip), "frame_skip", cfg.frame_skip)
     if cfg.adapter not in ADAPTERS:
