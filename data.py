@@ -395,7 +395,7 @@ def record(env_name, episodes, out, size, episode_len, frames_only, seed, sticky
         raise UserError(f"{out} already exists and is not empty: choose another --out")
     cfg = DataConfig(env=env_name, size=size, episode_len=episode_len, sticky=sticky, frame_skip=frame_skip, seed=seed)
     env = make_env(env_name, num=1, size=size, max_steps=episode_len, frame_skip=frame_skip)
-    spec, frame_skip = env.spec, getattr(env, "frame_skip", None)          # the number used (0: the game's own)
+    spec, frame_skip = env.spec, env.frame_skip                            # the number used (0: the game's own)
     from tqdm import tqdm
     bar, t0 = tqdm(total=episodes, desc=f"recording {env_name}", unit="episode", disable=None), time.time()
 

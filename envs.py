@@ -72,6 +72,7 @@ class Env:
     action_dim = 0       # continuous: actions are float vectors in [-1, 1]^action_dim
     agent_size = None    # the controlled object's size, where it has a colour of its own (built-in worlds)
     restorable = True    # get_state / set_state work
+    frame_skip = 1       # game frames per action (the built-in worlds and Procgen: one; GymEnv: its own or auto_skip)
     keys = {}            # key name -> action
 
     def __init__(self, num, size, max_steps):

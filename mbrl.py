@@ -124,8 +124,7 @@ class MBRLConfig:
         self.episode_len = self.episode_len or (200 if game else 32)
         self.motion_weight = (4.0 if game else 0.0) if self.motion_weight is None else self.motion_weight
         if not self.frame_skip:                     # 0: the checkpoint's, else the game's own, stored as the number it is
-            self.frame_skip = ((ck["data"].get("frame_skip") if ck else 0) or
-                               getattr(make_env(self.env, frame_skip=self.frame_skip), "frame_skip", 0))
+            self.frame_skip = (ck["data"].get("frame_skip") if ck else 0) or make_env(self.env).frame_skip
 
     def world(self, size, num, seed=0):
         """num copies of the environment, as every part of the loop makes it."""

@@ -167,7 +167,7 @@ def resolve(cfg, device):
         cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
         cfg.frame_skip = cfg.frame_skip or meta.get("frame_skip") or 0    # as recorded (the control measure replays it)
     else:                                             # 0: the game's own frame skip, stored as the number it is
-        cfg.frame_skip = getattr(make_env(cfg.env, frame_skip=cfg.frame_skip), "frame_skip", cfg.frame_skip)
+        cfg.frame_skip = make_env(cfg.env, frame_skip=cfg.frame_skip).frame_skip
     if cfg.adapter not in ADAPTERS:
         raise UserError(f"unknown adapter '{cfg.adapter}': choose one of {', '.join(ADAPTERS)}")
     if cfg.stage not in ("pretrain", "finetune", "scratch", "all"):
