@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from envs import make_env
+from envs import UserError, make_env
 from model import BACKBONES, forward_flops, make_generator, peak_flops, pick_device, seeded, tokenizer_flops
 from adapter import WorldModel
 from loss import LOSSES, NOISE
@@ -135,31 +135,37 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024                # Linux: KiB
 
 
-def table(device, why):
-    """Every measurement of one run -> rows for the table and the JSON."""
+def table(device, why, presets, save):
+    """Every measurement of one run -> rows for the table and the JSON; save(rows) after each one, so a run stopped
+    part way keeps what it measured."""
     amp = torch.bfloat16 if device.type == "cuda" else None
     peak = matmul_peak(device, amp or torch.float32)
     nominal, nominal_name = peak_flops(device)
     rows = dict(device=why, matmul_peak_gflops=round(peak / 1e9, 1), nominal=nominal_name, runs={})
-    presets = ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
+    rows["mpc_ms_default"] = round(1000 * mpc_decision(device, 32, 5), 1); save(rows)
+    rows["mpc_ms_256x8"] = round(1000 * mpc_decision(device, 256, 8, repeat=2), 1); save(rows)
+    print(f"  one MPC decision: {rows['mpc_ms_default']} ms (32 x 5), {rows['mpc_ms_256x8']} ms (256 x 8)", flush=True)
     for preset in presets:
         for kind in BACKBONES:
-            s, frames, tokens, flops = train_step(kind, preset, device, amp)
-            r = dict(train_ms=round(1000 * s, 1), frames_per_s=round(frames / s, 1), tokens_per_s=round(tokens / s),
-                     gflops=round(flops / s / 1e9, 1), pct_of_peak=round(100 * flops / s / peak, 1))
-            if nominal:
-                r["mfu"] = round(100 * flops / s / nominal, 1)
-            r["rollout_fps_b1"] = round(rollout_rate(kind, preset, device, 1), 1)
-            r["rollout_fps_b32"] = round(rollout_rate(kind, preset, device, 32), 1)
-            if kind == "dit":
-                r["rollout_fps_b1_nocache"] = round(rollout_rate(kind, preset, device, 1, use_cache=False), 1)
-            r["play_fps"] = round(rollout_rate(kind, preset, device, 1, frames=1, use_cache=True), 1)
-            rows["runs"][f"{kind}/{preset}"] = r
+            rows["runs"][f"{kind}/{preset}"] = r = preset_rates(kind, preset, device, amp, peak, nominal)
+            rows["peak_memory_mb"] = round(peak_memory(device), 1); save(rows)
             print(f"  {kind}/{preset}: {r}", flush=True)
-    rows["mpc_ms_default"] = round(1000 * mpc_decision(device, 32, 5), 1)
-    rows["mpc_ms_256x8"] = round(1000 * mpc_decision(device, 256, 8, repeat=2), 1)
-    rows["peak_memory_mb"] = round(peak_memory(device), 1)
     return rows
+
+
+def preset_rates(kind, preset, device, amp, peak, nominal):
+    """Training, rollout and play rates of one backbone at one preset."""
+    s, frames, tokens, flops = train_step(kind, preset, device, amp)
+    r = dict(train_ms=round(1000 * s, 1), frames_per_s=round(frames / s, 1), tokens_per_s=round(tokens / s),
+             gflops=round(flops / s / 1e9, 1), pct_of_peak=round(100 * flops / s / peak, 1))
+    if nominal:
+        r["mfu"] = round(100 * flops / s / nominal, 1)
+    r["rollout_fps_b1"] = round(rollout_rate(kind, preset, device, 1), 1)
+    r["rollout_fps_b32"] = round(rollout_rate(kind, preset, device, 32), 1)
+    if kind == "dit":
+        r["rollout_fps_b1_nocache"] = round(rollout_rate(kind, preset, device, 1, use_cache=False), 1)
+    r["play_fps"] = round(rollout_rate(kind, preset, device, 1, frames=1, use_cache=True), 1)
+    return r
 
 
 def show(rows):
@@ -221,6 +227,7 @@ def main():
     p.add_argument("--json", default="bench.json")
     p.add_argument("--png", default="bench.png")
     p.add_argument("--device", default="auto")
+    p.add_argument("--presets", help="comma-separated presets to measure (default: tiny,games, and gpu on CUDA)")
     a = p.parse_args()
     device, _, why = pick_device(a.device)
     if a.profile == "train":
@@ -229,13 +236,18 @@ def main():
         return profile(f"a dit/{preset} training step", step, device)
     if a.profile == "mpc":
         return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device)
+    presets = a.presets.split(",") if a.presets else ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
+    if unknown := [n for n in presets if n not in PRESETS]:
+        raise UserError(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     t0 = time.time()
     print(f"measuring on {why} ...", flush=True)
-    rows = table(device, why)
-    rows["seconds"] = round(time.time() - t0, 1)
+
+    def save(rows):
+        rows["seconds"] = round(time.time() - t0, 1)
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    rows = table(device, why, presets, save)
     show(rows)
-    with open(a.json, "w") as f:
-        json.dump(rows, f, indent=1)
     print(f"wrote {a.json} ({rows['seconds']:.0f} s)")
     if a.curves:
         curves(device, a.png)

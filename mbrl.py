@@ -108,6 +108,10 @@ class MBRLConfig:
     elites: int = opt(6, "best sequences the distribution is refitted to")
     cem_iters: int = opt(2, "CEM iterations per decision")
     gamma: float = opt(0.95, "discount")
+    plan_batch: str = opt("auto", "how a decision imagines its candidates: tree (discrete actions: each action prefix "
+                                  "once, the fewest FLOPs, what a CPU wants), flat (every candidate in one batch of fixed "
+                                  "shape, replayed as CUDA graphs: the fewest kernel launches, what a GPU wants); "
+                                  "auto: tree on a CPU, flat on CUDA")
     plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)")
     eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)")
     eval_every: int = opt(4, "evaluate after the first fit, every this many rounds, and at the end (1: every round)")
@@ -119,6 +123,8 @@ class MBRLConfig:
         ck = read_checkpoint(self.init_from) if self.init_from else None
         init = ck["model_args"] if ck else None
         game = ":" in self.env
+        if self.plan_batch not in ("auto", "tree", "flat"):
+            raise UserError(f"--plan_batch '{self.plan_batch}': choose auto, tree or flat")
         self.size = self.size or (init["size"] if init else 32 if game else 16)
         self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
         self.episode_len = self.episode_len or (200 if game else 32)
@@ -283,7 +289,10 @@ class Agent:
             self.reward = RewardHead(self.size, spec).to(self.device)
             self.value = Value(self.size).to(self.device)
         self.target = copy.deepcopy(self.value).requires_grad_(False)
-        self.plan_wm = compiled(self.wm) if cfg.compile else self.wm           # the same weights, for imagination
+        flat = cfg.plan_batch == "flat" or (cfg.plan_batch == "auto" and self.device.type == "cuda")
+        self.tree = spec["discrete"] and not flat                             # plan_scores imagines a search tree
+        graphs = flat and self.device.type == "cuda"                          # fixed shapes: CUDA graphs pay
+        self.plan_wm = compiled(self.wm, graphs) if cfg.compile else self.wm   # the same weights, for imagination
         self.opt_wm = torch.optim.AdamW([p for p in self.wm.parameters() if p.requires_grad], cfg.lr, weight_decay=0.01)
         self.opt_r = torch.optim.AdamW(self.reward.parameters(), cfg.lr)
         self.opt_v = torch.optim.AdamW(self.value.parameters(), cfg.lr)
@@ -430,8 +439,13 @@ class Agent:
         return ret + tail * self.read_last(frames, cand, memo)
 
     def plan_scores(self, obs, prev_action, cand, g, memo=None):
-        """score() from raw observations: the last k frames of each world (N, k, S, S, 3) uint8."""
-        return self.score(to_float(obs, self.device), prev_action, cand, g, memo)
+        """score() from raw observations: the last k frames of each world (N, k, S, S, 3) uint8. The decision's memo
+        makes its imagination a search tree (--plan_batch tree); without it every candidate is rolled out in one
+        batch (flat). Both score each candidate by the model's frames under its actions; they differ in the noise the
+        frames start from (the tree draws one per action prefix, flat one per world). One decision on coin at 256
+        candidates x horizon 8, untrained weights: 2-core CPU, not compiled, tree 260 ms, flat 2,220 ms; H200, bf16,
+        tree 277 ms, flat 69 ms, flat compiled with CUDA graphs 22 ms (README, Speed)."""
+        return self.score(to_float(obs, self.device), prev_action, cand, g, memo if self.tree else None)
 
     # --- the value, by TD in imagination
     def lookahead_actions(self, B):

@@ -72,11 +72,13 @@ def make_generator(device, seed):
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
-def compiled(module):
-    """torch.compile for inference at any batch size (dynamic shapes), sharing the module's weights. Where the
-    compiler cannot run (inductor on a CPU needs a C++ compiler), dynamo falls back to running the module as is."""
+def compiled(module, graphs=False):
+    """torch.compile for inference, sharing the module's weights: at any batch size (dynamic shapes), or with graphs
+    (CUDA only) each shape's kernels recorded once as a CUDA graph and replayed (mode reduce-overhead), for calls whose
+    shapes repeat and whose kernels take less time to run than to launch. Where the compiler cannot run (inductor on
+    a CPU needs a C++ compiler), dynamo falls back to running the module as is."""
     torch._dynamo.config.suppress_errors = True
-    return torch.compile(module, dynamic=True)
+    return torch.compile(module, mode="reduce-overhead") if graphs else torch.compile(module, dynamic=True)
 
 
 # the dense bf16 peak of the GPUs we know, in FLOP/s (vendor data sheets, without sparsity); MFU is printed only

@@ -834,6 +834,29 @@ def test_discrete_planning_imagines_each_action_prefix_once():
     assert read == [5] and points == [9]
 
 
+def test_plan_batch_flat_rolls_every_candidate_out_in_one_batch():
+    """--plan_batch flat (auto on CUDA) imagines all B x N candidates in one batch per frame, without the tree's memo;
+    tree (auto on a CPU) rolls out only the unique prefixes; both plan through mbrl's CEM to valid actions."""
+    from mbrl import Agent, CEM, MBRLConfig
+    w, spec = make_env("coin", num=2, size=16, seed=0), make_env("coin").spec
+    obs = w.reset()[0][:, None]
+    cand = torch.tensor([[[1, 2, 3], [1, 2, 4], [1, 3, 3]], [[0, 0, 0], [0, 0, 0], [4, 4, 4]]])   # (2 worlds, 3, H 3)
+    for batch, want in (("flat", [6, 6, 6]), ("tree", [3, 4, 5]), ("auto", [3, 4, 5])):
+        cfg = MBRLConfig(env="coin", width=32, depth=1, compile=False, plan_batch=batch, horizon=3, candidates=3,
+                        elites=2)
+        agent = Agent(cfg, spec, "cpu", 0)
+        rows, inner = [], agent.plan_wm.forward
+        agent.plan_wm.forward = lambda x, *a, **kw: rows.append(x.shape[0]) or inner(x, *a, **kw)
+        scores = agent.plan_scores(obs, torch.zeros(2, 1, dtype=torch.long), cand, agent.g, memo={})
+        assert scores.shape == (2, 3) and torch.isfinite(scores).all()
+        assert [r for r in rows if r > 2] == want, (batch, rows)             # rows of the frame passes (not the context)
+        a = CEM(spec, 2, cfg, agent.g).plan(lambda c: agent.plan_scores(obs, torch.zeros(2, 1, dtype=torch.long), c,
+                                                                        agent.g, memo={}))
+        assert a.shape == (2,) and 0 <= int(a.min()) and int(a.max()) < spec["n_actions"]
+    with pytest.raises(UserError, match="plan_batch"):
+        MBRLConfig(env="coin", plan_batch="wide")
+
+
 def test_value_iters_0_plans_on_rewards_alone():
     """--value_iters 0 drops the terminal value from the score: an untrained value must not steer the plan."""
     from mbrl import Agent, MBRLConfig
