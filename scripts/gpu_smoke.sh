@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU path end to end, with tiny budgets: train.py (both backbones, the gpu preset: bf16 autocast + torch.compile),
 # sample.py, mbrl.py and its --bench, on the first CUDA GPU. One line per check, then the throughput lines.
-#   bash scripts/gpu_smoke.sh            (about 5 minutes on an H100; writes nothing outside a temporary folder)
+#   bash scripts/gpu_smoke.sh            (writes only into a temporary folder, whose logs it keeps and names)
+#   CHECK_TIMEOUT=300 bash scripts/gpu_smoke.sh   (each check's time limit in seconds; default 600)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
+out=$(mktemp -d); echo "logs in $out"
 fail=0
 check() {                                     # check NAME COMMAND...: one line, with the time and the last output line
   local name=$1; shift; local t=$SECONDS
-  if "$@" >"$out/$name.log" 2>&1; then echo "ok   $name ($((SECONDS - t)) s): $(tail -1 "$out/$name.log" | cut -c1-150)"
+  if timeout "${CHECK_TIMEOUT:-600}" "$@" >"$out/$name.log" 2>&1; then echo "ok   $name ($((SECONDS - t)) s): $(tail -1 "$out/$name.log" | cut -c1-150)"
   else echo "FAIL $name ($((SECONDS - t)) s): $(tail -1 "$out/$name.log" | cut -c1-150)"; fail=1; fi
 }
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA GPU visible"; exit 1; }
