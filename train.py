@@ -145,7 +145,8 @@ def parse_config(cls, doc, argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
-        default = " (default: the preset's)" if f.default is None else f" (default {f.default!r})"
+        own = "default" in f.metadata["help"]                                  # the help says its own default
+        default = "" if own else " (default: the preset's)" if f.default is None else f" (default {f.default!r})"
         if typ is bool:
             p.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=f.default,
                            help=f.metadata["help"] + default)
