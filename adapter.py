@@ -9,7 +9,7 @@ One code path serves both backbones: it reads only `token_frames` and the module
 
 Three kinds, selected by name (`--adapter`):
 
-    film   the DWS module (method.md §1). In every block l, on the input of the feed-forward layer:
+    film   the DWS universal action module. In every block l, on the input of the feed-forward layer:
                x_i <- x_i + FFN( LN(x_i) * (1 + alpha_i) + beta_i ),   (alpha_i, beta_i) = g_l(c_i)
            c_i is frame i's action embedding and g_l two linear layers (Linear -> SiLU -> Linear to
            2D), the last zero-initialised: attaching it to a trained backbone changes no output.

@@ -239,6 +239,9 @@ def main():
     presets = a.presets.split(",") if a.presets else ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
     if unknown := [n for n in presets if n not in PRESETS]:
         raise UserError(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    if "gpu" in presets and device.type != "cuda":
+        raise UserError("--presets gpu needs a CUDA GPU (on a 2-core CPU with 24 GB it ran out of memory): "
+                        "measure tiny or games here")
     t0 = time.time()
     print(f"measuring on {why} ...", flush=True)
 

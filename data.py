@@ -10,7 +10,7 @@ Data layout of one episode (E episodes, L steps, frames of S x S pixels):
 
 Two corpora per environment (the paper's recipe): a larger action-free one (videos only, for pre-training) and a
 smaller action-labelled one (for fine-tuning the adapter), each with a held-out split. Generated corpora are cached
-in --data_dir and rebuilt when the config that made them changes.
+(train.py --data_dir) and rebuilt when the config that made them changes.
 
 The episode format on disk (what the cache holds, what `python data.py --record` writes, what `train.py --data`
 and `--pretrain_data` read): a folder of compressed numpy shards, each holding some episodes, and a meta.json:
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from envs import GymEnv, UserError, make_env, run_cli, WORLDS
+from envs import GymEnv, UserError, make_env, need, run_cli, WORLDS
 
 FORMAT = "nanoworld-episodes-1"
 DATA_VERSION = 4            # 3: anti-aliased edges; 4: any environment, meta.json in the documented format
@@ -410,27 +410,44 @@ def record(env_name, episodes, out, size, episode_len, frames_only, seed, sticky
           f"{episode_len} steps) to {out} in {time.time() - t0:.0f} s")
 
 
+def checked(typ, ok, words):
+    """An argparse type: typ(text), refused (a one-line usage error, exit 2) unless ok(value)."""
+    def parse(text):
+        v = typ(text)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text}: must be {words}")
+        return v
+    return parse
+
+
 def main():
+    positive = checked(int, lambda v: v >= 1, "1 or more")
+    fraction = checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
     p = argparse.ArgumentParser(description="Environments and episodes. --list prints the built-in worlds; --preview "
                                 "FILE.gif rolls the behaviour policy; --record ENV --out DIR writes episodes for "
                                 "train.py --data.", epilog=__doc__.split("\n\n", 3)[3],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--list", action="store_true", help="print the built-in worlds, one per line")
+    p.add_argument("--list", action="store_true", help="print the built-in worlds, then the Procgen games if procgen2 "
+                   "is installed, one per line (gym: takes any gymnasium id)")
     p.add_argument("--env", default="coin", help="coin, pusher, gym:<id>, procgen:<game>")
-    p.add_argument("--size", type=int, default=None, help="frame size (default: 32 for built-in worlds, 64 for games)")
+    p.add_argument("--size", type=positive, default=None, help="frame size (default: 32 for built-in worlds, 64 for games)")
     p.add_argument("--preview", default="", help="write a GIF of a few episodes of the behaviour policy")
     p.add_argument("--record", default="", metavar="ENV", help="record episodes of ENV into --out")
     p.add_argument("--out", default="", help="--record: the folder to write")
-    p.add_argument("--episodes", type=int, default=64, help="--record: how many episodes")
-    p.add_argument("--episode_len", type=int, default=None, help="--record: steps per episode (default 32; 64 for games)")
+    p.add_argument("--episodes", type=positive, default=64, help="--record: how many episodes")
+    p.add_argument("--episode_len", type=positive, default=None, help="--record: steps per episode (default 32; 64 for games)")
     p.add_argument("--frames_only", action="store_true", help="--record: leave the actions out (a corpus of videos)")
-    p.add_argument("--sticky", type=float, default=0.75, help="--record: a random action repeats with this probability")
+    p.add_argument("--sticky", type=fraction, default=0.75, help="--record: a random action repeats with this probability")
     p.add_argument("--frame_skip", type=int, default=0, help="--record, gym: repeat each action this many times "
                    "(0: the game's default, 2 for CartPole's 50 steps a second, 1 for Atari)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     if a.list:
         print("\n".join(WORLDS))
+        try:
+            print("\n".join(f"procgen:{g}" for g in need("procgen.env", "procgen").ENV_NAMES))
+        except UserError:
+            pass
         return
     env = a.record or a.env
     game = ":" in env

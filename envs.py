@@ -462,6 +462,9 @@ class ProcgenEnv(Env):
     def __init__(self, game, num=1, size=64, max_steps=64, seed=0):
         super().__init__(num, size, max_steps)
         self.procgen = need("procgen", f"procgen:{game}")
+        games = need("procgen.env", f"procgen:{game}").ENV_NAMES
+        if game not in games:                                     # procgen itself aborts the process on one
+            raise UserError(f"procgen:{game} is not a Procgen game: choose one of {', '.join(games)}")
         self.game, self.name, self.seed, self.base, self.resets = game, f"procgen:{game}", seed, int(seed), 0
         self.env = self._make(num, seed)
         self.n_actions = self.env.ac_space.eltype.n
@@ -474,7 +477,7 @@ class ProcgenEnv(Env):
             return self.procgen.ProcgenGym3Env(num=num, env_name=self.game, distribution_mode="easy", num_levels=0,
                                                start_level=int(seed) % 2 ** 31, rand_seed=int(seed) % 2 ** 31)
         except Exception as e:
-            raise UserError(f"procgen:{self.game}: {str(e).splitlines()[0][:200]} (games: coinrun, ninja, bigfish, ...)") from None
+            raise UserError(f"procgen:{self.game}: {str(e).splitlines()[0][:200]}") from None
 
     def reset(self, seed=None):
         """New levels for every world (a game of its own has no reset): the k-th reset after a seed s draws its levels

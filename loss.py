@@ -16,15 +16,15 @@ k in 1..T-1: frames < k are clean (t = 0) and frames >= k get independent noise 
 model learns both "next frame from clean history" (frame k, what frame-by-frame rollout needs)
 and "several frames at once, from noisy neighbours" (what whole-horizon generation needs).
 
-Motion-reinforced loss (method.md §2), our exact form. For frame i >= 1 of the ground truth:
+Motion-reinforced loss (the paper's), our exact form. For frame i >= 1 of the ground truth:
 
     d_i(p)  = mean over channels and over the pixels of grid cell p of |x_i - x_{i-1}|
     s_i(p)  = min( n * softmax_p(d_i / temp), s_max )          n = number of grid cells
     w_i(p)  = (1 + c * s_i(p)) / mean_p(1 + c * s_i(p))
 
 A frame with no motion gets w = 1 everywhere (softmax is uniform, s = 1); where pixels change
-the weight rises; the clamp s_max keeps a few cells from taking weights near n (method.md §5
-saw that destabilise training) and the normalisation keeps each frame's mean weight at 1, so c
+the weight rises; the clamp s_max keeps a few cells from taking weights near n (in our CPU
+calibration runs that destabilised training) and the normalisation keeps each frame's mean weight at 1, so c
 trades static detail against dynamics without changing the loss scale. c = 0 turns it off.
 The weights are constants (no gradient) computed on ground-truth pixels, on the loss's grid:
 the DiT's patches, or the tokenizer's cells for the token model.

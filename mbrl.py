@@ -1,4 +1,4 @@
-"""mbrl.py — planning inside the learned world simulator, with prioritized imagination (method.md §3).
+"""mbrl.py — planning inside the learned world simulator, with prioritized imagination (the paper's).
 
     python mbrl.py                              # coin: MPC in the learned model vs random vs MPC in the true world
     python mbrl.py --env pusher --seeds 3       # mean and spread over seeds
@@ -62,7 +62,7 @@ from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES
 from sample import CKPT_FORMAT, load_model, read_checkpoint, rollout
-from train import opt, parse_config, save_checkpoint
+from train import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, opt, parse_config, save_checkpoint
 
 
 @dataclass
@@ -70,59 +70,62 @@ class MBRLConfig:
     env: str = opt("coin", "coin, pusher (built in), gym:<id> (e.g. gym:CartPole-v1), procgen:<game>")
     backbone: str = opt("dit", "world-model backbone: " + ", ".join(BACKBONES) + " (ignored with --init_from)")
     imagination: str = opt("prioritized", "start states of imagined rollouts: prioritized | uniform | both")
-    seeds: int = opt(1, "independent runs (seeds 0..N-1): curves show their mean and spread")
+    seeds: int = opt(1, "independent runs (seeds 0..N-1): curves show their mean and spread", AT_LEAST_1)
     out: str = opt("out_mbrl", "output folder: results.json, curves.png, mbrl.log")
     init_from: str = opt("", "a train.py checkpoint to start the world model from (its frame size is used)")
     device: str = opt("auto", "auto | cpu | cuda")
     compile: bool = opt(True, "torch.compile the world model for planning (about a minute of compiling, then ~1.6x faster "
                               "decisions on a 2-core CPU)")
     # the world model (a small DiT unless --init_from)
-    size: int = opt(None, "frame size in pixels (default: 16 for the built-in worlds, 32 for games)")
+    size: int = opt(None, "frame size in pixels (default: 16 for the built-in worlds, 32 for games)", AT_LEAST_1)
     context: int = opt(None, "frames the world model sees before each new one (default: 1 for the built-in worlds, "
-                             "2 for games, which are not Markov in one frame)")
-    width: int = opt(96, "world-model width")
-    depth: int = opt(3, "world-model blocks")
+                             "2 for games, which are not Markov in one frame)", AT_LEAST_1)
+    width: int = opt(96, "world-model width", AT_LEAST_1)
+    depth: int = opt(3, "world-model blocks", AT_LEAST_1)
     # data and training
-    episode_len: int = opt(None, "steps per episode at most (default: 32 for the built-in worlds, 200 for games)")
-    frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (2 for CartPole)")
-    seed_episodes: int = opt(512, "random-action episodes before the first fit")
-    rounds: int = opt(4, "act -> add data -> update rounds")
-    episodes: int = opt(8, "MPC episodes played in the real world per round")
-    explore: float = opt(0.2, "probability of a random action while collecting")
-    fit_iters: int = opt(4000, "world-model iterations of the first fit")
+    episode_len: int = opt(None, "steps per episode at most (default: 32 for the built-in worlds, 200 for games)", AT_LEAST_1)
+    frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (2 for CartPole)", AT_LEAST_0)
+    seed_episodes: int = opt(512, "random-action episodes before the first fit", AT_LEAST_1)
+    rounds: int = opt(4, "act -> add data -> update rounds", AT_LEAST_0)
+    episodes: int = opt(8, "MPC episodes played in the real world per round", AT_LEAST_1)
+    explore: float = opt(0.2, "probability of a random action while collecting", FRACTION)
+    fit_iters: int = opt(4000, "world-model iterations of the first fit", AT_LEAST_0)
     motion_weight: float = opt(None, "motion-reinforced loss weight c (loss.py; default: 0 for the built-in worlds, 4 for "
-                                     "games, as train.py's games preset: their controlled objects are a few pixels)")
-    model_alpha: float = opt(1.0, "world-model replay: clips drawn with P ∝ (one-step error)^a; 0: uniform")
-    update_iters: int = opt(300, "world-model iterations per round")
-    value_iters: int = opt(30, "value-function TD updates per round (and after the first fit); 0: no terminal value")
-    batch_size: int = opt(32, "batch size of every update")
-    lr: float = opt(1e-3, "learning rate of every update")
+                                     "games, as train.py's games preset: their controlled objects are a few pixels)", AT_LEAST_0)
+    model_alpha: float = opt(1.0, "world-model replay: clips drawn with P ∝ (one-step error)^a; 0: uniform", AT_LEAST_0)
+    update_iters: int = opt(300, "world-model iterations per round", AT_LEAST_0)
+    value_iters: int = opt(30, "value-function TD updates per round (and after the first fit); 0: no terminal value", AT_LEAST_0)
+    batch_size: int = opt(32, "batch size of every update", AT_LEAST_1)
+    lr: float = opt(1e-3, "learning rate of every update", ABOVE_0)
     # imagination
-    alpha: float = opt(0.6, "priority exponent a (prioritized); uniform uses 0")
-    beta: float = opt(0.4, "importance-weight exponent b")
-    imagine_horizon: int = opt(5, "random-action steps imagined from each start state; V is trained at depth U{0..this}")
-    imagine_actions: int = opt(8, "actions tried per imagined step (discrete worlds: all of them)")
+    alpha: float = opt(0.6, "priority exponent a (prioritized); uniform uses 0", AT_LEAST_0)
+    beta: float = opt(0.4, "importance-weight exponent b", FRACTION)
+    imagine_horizon: int = opt(5, "random-action steps imagined from each start state; V is trained at depth U{0..this}", AT_LEAST_0)
+    imagine_actions: int = opt(8, "actions tried per imagined step (discrete worlds: all of them)", AT_LEAST_1)
     # the planner
-    horizon: int = opt(5, "planning horizon H")
-    candidates: int = opt(32, "action sequences scored per CEM iteration")
-    elites: int = opt(6, "best sequences the distribution is refitted to")
-    cem_iters: int = opt(2, "CEM iterations per decision")
-    gamma: float = opt(0.95, "discount")
+    horizon: int = opt(5, "planning horizon H", AT_LEAST_1)
+    candidates: int = opt(32, "action sequences scored per CEM iteration", AT_LEAST_1)
+    elites: int = opt(6, "best sequences the distribution is refitted to", AT_LEAST_1)
+    cem_iters: int = opt(2, "CEM iterations per decision", AT_LEAST_1)
+    gamma: float = opt(0.95, "discount", FRACTION)
     plan_batch: str = opt("auto", "how a decision imagines its candidates: tree (discrete actions: each action prefix "
                                   "once, the fewest FLOPs, what a CPU wants), flat (every candidate in one batch of fixed "
                                   "shape, replayed as CUDA graphs: the fewest kernel launches, what a GPU wants); "
                                   "auto: tree on a CPU, flat on CUDA")
-    plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)")
-    eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)")
-    eval_every: int = opt(4, "evaluate after the first fit, every this many rounds, and at the end (1: every round)")
+    plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)", AT_LEAST_1)
+    eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)", AT_LEAST_1)
+    eval_every: int = opt(4, "evaluate after the first fit, every this many rounds, and at the end (1: every round)", AT_LEAST_1)
     bench: int = opt(0, "N > 0: only time N MPC decisions for one world in the learned model (untrained weights) "
-                        "at --candidates x --horizon, print the median and exit")
+                        "at --candidates x --horizon, print the median and exit", AT_LEAST_0)
 
     def __post_init__(self):
         """The frame size and context that depend on the environment (or on the --init_from checkpoint)."""
         ck = read_checkpoint(self.init_from) if self.init_from else None
         init = ck["model_args"] if ck else None
         game = ":" in self.env
+        if not 2 <= self.elites <= self.candidates:
+            raise UserError(f"--elites {self.elites}: must be 2 or more (the refit needs a spread) and at most "
+                            f"--candidates {self.candidates}")
         if self.plan_batch not in ("auto", "tree", "flat"):
             raise UserError(f"--plan_batch '{self.plan_batch}': choose auto, tree or flat")
         self.size = self.size or (init["size"] if init else 32 if game else 16)
@@ -706,6 +709,12 @@ def bench(cfg, spec, device, why, log):
         f"{1000 * np.median(times[1:]):.1f} ms (median of {cfg.bench}) on {why}")
 
 
+def normalized(R, R_random, R_oracle):
+    """(R - R_random) / (R_oracle - R_random), on means over seeds; None (JSON null) where the true simulator's
+    planner scores the same as random, so that nothing can be normalised."""
+    return float((R - R_random) / (R_oracle - R_random)) if R_oracle != R_random else None
+
+
 def main(cfg):
     world = make_env(cfg.env)
     if cfg.backbone not in BACKBONES:
@@ -713,9 +722,8 @@ def main(cfg):
     kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}
     if cfg.imagination not in kinds:
         raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
-    if cfg.seeds < 1 or cfg.rounds < 0 or cfg.eval_every < 1 or not 2 <= cfg.elites <= cfg.candidates:
-        raise UserError("need --seeds >= 1, --rounds >= 0, --eval_every >= 1 and 2 <= --elites <= --candidates "
-                        "(the refit needs a spread)")
+    if not cfg.bench and os.path.exists(os.path.join(cfg.out, "results.json")):
+        raise UserError(f"{cfg.out} already holds a finished run (results.json): pass another --out or delete it")
     device, _, why = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     spec = world.spec
@@ -744,8 +752,8 @@ def main(cfg):
         log(f"[seed {seed}] random {R_rand:.3f} | MPC in the true simulator {R_orc:.3f}")
     bar.close()
     R_rand, R_orc = np.mean(base["random"]["final"]), np.mean(base["oracle_mpc"]["final"])
-    for m in methods.values():                  # (R - R_random) / (R_oracle - R_random), on the means over seeds
-        m["normalized"] = float((np.mean(m["final"]) - R_rand) / (R_orc - R_rand)) if R_orc != R_rand else float("nan")
+    for m in methods.values():
+        m["normalized"] = normalized(np.mean(m["final"]), R_rand, R_orc)
     first = next(iter(methods.values()))
     results = dict(normalized=first["normalized"], env=cfg.env, imagination=cfg.imagination, seeds=cfg.seeds,
                    methods={**methods, **base}, decision_ms=round(1000 * float(np.mean(dec)), 1),
@@ -756,7 +764,9 @@ def main(cfg):
         json.dump(results, f, indent=1)
     plot(os.path.join(cfg.out, "curves.png"), results, cfg.env)
     for name, m in methods.items():
-        log(f"{name}: final return {np.mean(m['final']):.3f} | normalized {m['normalized']:.3f} "
+        norm = "n/a (the true simulator's planner scored the same as random)" if m["normalized"] is None else \
+            f"{m['normalized']:.3f}"
+        log(f"{name}: final return {np.mean(m['final']):.3f} | normalized {norm} "
             f"(random {R_rand:.3f}, MPC in the true simulator {R_orc:.3f})")
     log(f"wrote {cfg.out}/results.json and {cfg.out}/curves.png in {results['wall_s'] / 60:.1f} min")
     return results

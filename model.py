@@ -3,10 +3,10 @@
 A backbone maps a clip to a clip and exposes three things that `adapter.py` attaches to:
 
     backbone.embed               the module that turns inputs into tokens      (input-level conditioning)
-    backbone.blocks[l].ffn_norm  the norm in front of block l's feed-forward   (the DWS adapter, method.md §1)
+    backbone.blocks[l].ffn_norm  the norm in front of block l's feed-forward   (the DWS adapter, adapter.py)
     backbone.token_frames        (L,) long: the frame each of the current L tokens belongs to
 
-Two backbones, as different as the paper's (method.md §4): the video DiT below, trained by flow matching,
+Two backbones, as different as the paper's (a diffusion model and a token model): the video DiT below, trained by flow matching,
 and the video GPT further down (a per-frame VQ tokenizer and an autoregressive transformer over its codes),
 trained by next-code cross-entropy. adapter.py drives both through the same three attachment points.
 
@@ -21,7 +21,7 @@ Every frame i has its own noise level tau_i (0 = clean, 1 = pure noise), so cont
 clean while later frames are denoised, one at a time or all together. The tokens of frame i are
 cut from its noisy pixels stacked, channel-wise, on the pixels of frame i-1 as the model sees
 them (zeros for i = 0): a causal space-time patch that makes "copy what did not move" nearly
-free (method.md §5). The timestep enters by adaLN-Zero, one modulation per frame.
+free (our CPU calibration runs). The timestep enters by adaLN-Zero, one modulation per frame.
 
 The DiT predicts each frame's clean pixels (loss.py explains why), as a change to the frame before:
 x0_hat_i = x_{i-1} + head(tokens of frame i). The head is zero-initialised, so an untrained DiT
@@ -42,10 +42,12 @@ import torch.nn.functional as F
 
 def pick_device(name="auto"):
     """-> (device, autocast dtype or None, why). CUDA if there, else CPU; bf16 autocast only where supported."""
+    from envs import UserError
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from envs import UserError
         raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -254,6 +254,10 @@ def save_gif(path, columns, labels, scale=4, ms=200):
 def heldout_clips(ck, n, length):
     """n held-out clips of `length` frames (at most the longest held-out episode) from the checkpoint's own
     action-labelled corpus, spread over its episodes."""
+    folder = ck["data"].get("folder")
+    if folder and not os.path.isdir(folder):
+        raise UserError(f"this checkpoint was trained on the folder '{folder}', which is not there: its held-out "
+                        f"episodes give the contexts, so put the folder back at that path")
     data = load_corpus(DataConfig(**ck["data"]), labelled=True, progress=False)
     length = min(length, int(data.test["lengths"].max()) - 1)
     e, s = spread_clips(data.test["lengths"], length, n)
@@ -301,6 +305,7 @@ def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=
     ctx = to_uint8(x[:, :k])
     vids = [to_uint8(x)] + [np.concatenate([ctx, to_uint8(p)], 1) for p in (pred, pred_other)]
     save_gif(path, vids, ["truth", "model", "other acts" if actions is None else "--actions"])
+    return len(x), H                                                      # episodes and frames drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +405,7 @@ def bench_play(player, frames=32):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
     p.add_argument("--out", default="rollout.gif", help="the GIF to write")
     p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
@@ -413,7 +418,7 @@ def main():
                    "episode's: ids like 4,4,1 (coin: 0 stay 1 up 2 down 3 left 4 right) or vectors like 1,0;0,-1 (pusher)")
     p.add_argument("--play", action="store_true", help="play inside the learned world: a window driven by the arrows "
                    "and space (r restarts, q quits); with --keys, headless, into the GIF --out")
-    p.add_argument("--keys", default="", help="--play: a scripted sequence of keys, e.g. right,right,up,space,none,left")
+    p.add_argument("--keys", default=None, help="--play: a scripted sequence of keys, e.g. right,right,up,space,none,left")
     p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -430,6 +435,12 @@ def main():
     sampling = dict(steps=a.steps, temperature=a.temperature, top_k=a.top_k)
     if a.n < 1 or a.steps < 1:
         raise UserError(f"--n and --steps must be at least 1 (got {a.n}, {a.steps})")
+    if a.temperature < 0 or a.top_k < 0:
+        raise UserError(f"--temperature and --top_k must be 0 or more (got {a.temperature}, {a.top_k})")
+    if a.keys is not None and not a.play:
+        raise UserError("--keys plays a scripted game: add --play (and --out FILE.gif)")
+    if os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
+        raise UserError(f"--out {a.out}: no folder '{os.path.dirname(a.out)}' to write into: create it first")
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)
     if a.horizon < 1:
@@ -437,8 +448,8 @@ def main():
     if not a.out.lower().endswith(".gif"):
         raise UserError(f"--out should name a .gif file; got '{a.out}'")
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
-    compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, steps=a.steps, temperature=a.temperature, top_k=a.top_k)
-    print(f"wrote {a.out}: {a.n} held-out '{ck['data']['env']}' episodes, {a.horizon} frames ({why})")
+    n, H = compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, **sampling)
+    print(f"wrote {a.out}: {n} held-out '{ck['data']['env'] or 'the data'}' episodes, {H} frames ({why})")
 
 
 def play(a, model, ck, device, why, sampling):
@@ -446,10 +457,12 @@ def play(a, model, ck, device, why, sampling):
     S = model.backbone.cfg.size
     if a.bench_play:
         print(f"play: {bench_play(player):.1f} frames/s ({S}x{S} frames, {sampling['steps']} Euler steps, {why})")
-    elif a.keys:
+    elif a.keys is not None:
         if not a.out.lower().endswith(".gif"):
             raise UserError(f"--out should name a .gif file; got '{a.out}'")
-        keys = [k.strip() for k in a.keys.split(",") if k.strip()]
+        keys = [k.strip() for k in a.keys.split(",")]
+        if bad := [k for k in keys if k not in KEYS]:
+            raise UserError(f"--keys '{a.keys}': {', '.join(repr(k) for k in bad)} is not a key: use {', '.join(KEYS)}")
         play_keys(player, keys, a.out)
         print(f"wrote {a.out}: {len(keys)} frames played in '{ck['data']['env'] or 'the data'}' by keys ({why})")
     else:

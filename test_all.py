@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from envs import UserError, WORLDS, locate_agent, make_env
 from data import DataConfig, generate_episodes, play_episodes
-from model import ARConfig, DiT, DiTConfig, VideoGPT
+from model import ARConfig, DiT, DiTConfig, VideoGPT, pick_device
 from adapter import WorldModel
 from loss import LOSSES, flow_matching_loss, motion_weights
 from sample import read_checkpoint, rollout
@@ -653,7 +653,49 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     ck = tiny_run / "out" / "ckpt.pt"
     before = ck.read_bytes()
     bad("train.py", "--out", str(tiny_run / "out"), "--max_iters", "2", *TINY_FLAGS, match="--resume")
+    # ... and so does --resume with another model's flags; an evaluation that cannot run is refused before training
+    data = ("--data_dir", str(tiny_run / "data"))
+    bad("train.py", "--out", str(tiny_run / "out"), "--resume", "--max_iters", "3", *TINY_FLAGS, "--width", "64", *data,
+        match="--width 64 (the run has 32)")
     assert ck.read_bytes() == before
+    bad("train.py", "--out", str(tmp_path / "h"), "--max_iters", "3", *TINY_FLAGS, "--horizon", "40", *data,
+        match="lower --horizon")
+    assert not (tmp_path / "h" / "pretrain.pt").exists()
+    for args, match in ((["--keys", "right"], "add --play"), (["--play", "--keys", "right,,left"], "'' is not a key"),
+                        (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder")):
+        bad("sample.py", "--ckpt", str(ck), *args, match=match)
+
+
+def test_flags_are_checked_before_any_work(tmp_path):
+    """Out-of-range numbers, impossible shapes and unknown devices are one-line errors at the start, not tracebacks
+    (or silently wrong runs) later; mbrl.py does not overwrite a finished run; an undefined score is JSON null."""
+    import mbrl, train
+    for argv, match in ((["--lr", "-1"], "--lr -1.0: must be above 0"), (["--batch_size", "0"], "1 or more"),
+                        (["--ema", "1"], "below 1"), (["--sample_steps", "0"], "--sample_steps 0"),
+                        (["--max_iters", "-5"], "0 or more")):
+        with pytest.raises(UserError, match=re.escape(match)):
+            train.parse_args(argv)
+    for argv, match in ((["--heads", "3"], "multiple of --heads 3"), (["--patch", "5"], "multiple of --patch 5")):
+        with pytest.raises(UserError, match=match):
+            train.resolve(train.parse_args(argv), torch.device("cpu"))
+    for argv, match in ((["--gamma", "2"], "between 0 and 1"), (["--horizon", "0"], "--horizon 0"),
+                        (["--elites", "40"], "at most --candidates 32")):
+        with pytest.raises(UserError, match=match):
+            mbrl.parse_args(argv)
+    with pytest.raises(UserError, match="choose auto, cpu, cuda"):
+        pick_device("tpu")
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a finished run"):
+        mbrl.main(mbrl.parse_args(["--out", str(tmp_path)]))
+    assert (tmp_path / "results.json").read_text() == "{}"
+    assert mbrl.normalized(3.0, 1.0, 1.0) is None and mbrl.normalized(2.0, 1.0, 3.0) == 0.5
+
+
+def test_an_unknown_procgen_game_is_an_error_not_an_abort():
+    """procgen aborts the whole process (C++ std::out_of_range) on an unknown game: the name is checked first."""
+    pytest.importorskip("procgen")
+    with pytest.raises(UserError, match="not a Procgen game: choose one of .*coinrun"):
+        make_env("procgen:notagame")
 
 
 def test_readme_stands_alone():
@@ -669,7 +711,8 @@ def test_help_lists_the_flags():
     for flag in ("--env", "--adapter", "--motion_weight", "--seed", "--out", "--max_iters", "--device", "--preset",
                  "--stage", "--init_from", "--resume"):
         assert flag in r.stdout
-    assert run("data.py", "--list").stdout.split() == list(WORLDS)
+    listed = run("data.py", "--list").stdout.split()
+    assert listed[:len(WORLDS)] == list(WORLDS) and all(n.startswith("procgen:") for n in listed[len(WORLDS):])
 
 
 # ----------------------------------------------------------------------------------------------

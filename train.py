@@ -41,8 +41,15 @@ from loss import LOSSES, NOISE
 from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, rollout
 
 
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+# what a numeric flag may be: (test, the words an error gives); parse_config checks every flag against its own
+ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2 = ((lambda v: v > 0, "above 0"), (lambda v: v >= 0, "0 or more"),
+                                               (lambda v: v >= 1, "1 or more"), (lambda v: v >= 2, "2 or more"))
+FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def opt(default, help, valid=None):
+    """A config field: its default, its --help text, and what values it may take (None: any)."""
+    return field(default=default, metadata={"help": help, "valid": valid})
 
 
 @dataclass
@@ -58,8 +65,8 @@ class TrainConfig:
     adapter: str = opt("film", "action conditioning: film (DWS) | input (input-level baseline) | none")
     freeze_backbone: bool = opt(False, "fine-tune the adapter only, the backbone frozen")
     motion_weight: float = opt(None, "strength c of the motion-reinforced loss (0 turns it off; default: the preset's, "
-                                     "README: why 0 on the built-in worlds)")
-    motion_temp: float = opt(0.05, "softmax temperature of the motion weights")
+                                     "README: why 0 on the built-in worlds)", AT_LEAST_0)
+    motion_temp: float = opt(0.05, "softmax temperature of the motion weights", ABOVE_0)
     distance: str = opt(None, "dit: the pixel loss, mse (posterior mean) | l1 (posterior median: unchanged pixels stay "
                               "exactly unchanged); default: the preset's")
     preset: str = opt("auto", "size preset: tiny (CPU, built-in worlds) | games (CPU, 64x64 games) | gpu (one GPU) | "
@@ -72,41 +79,41 @@ class TrainConfig:
     seed: int = opt(0, "random seed (data, initialisation, noise)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = opt(True, "torch.compile the training step (CUDA only)")
-    max_iters: int = opt(0, "iterations per stage (0: the preset's)")
+    max_iters: int = opt(0, "iterations per stage (0: the preset's)", AT_LEAST_0)
     # --- filled in by the preset unless given
-    size: int = opt(None, "frame size in pixels")
-    patch: int = opt(None, "dit: patch size")
-    margin: int = opt(None, "dit: pixels around its patch each token also sees")
-    down: int = opt(None, "ar: the tokenizer halves each frame this many times")
-    codes: int = opt(None, "ar: codebook size")
-    reach: int = opt(None, "ar: each code also sees this many cells around it in the frame before")
-    tokenizer_iters: int = opt(None, "ar: iterations of the tokenizer stage")
-    width: int = opt(None, "transformer width")
-    depth: int = opt(None, "transformer blocks")
-    heads: int = opt(None, "attention heads")
-    clip_len: int = opt(None, "frames per training clip (context + denoised)")
-    batch_size: int = opt(None, "clips per batch")
-    lr: float = opt(None, "peak learning rate")
-    pretrain_iters: int = opt(None, "iterations of the pretrain stage")
-    finetune_iters: int = opt(None, "iterations of the finetune / scratch stage")
-    n_free: int = opt(None, "episodes in the action-free corpus")
-    n_labelled: int = opt(None, "episodes in the action-labelled corpus")
-    episode_len: int = opt(None, "steps per generated episode")
+    size: int = opt(None, "frame size in pixels", AT_LEAST_1)
+    patch: int = opt(None, "dit: patch size", AT_LEAST_1)
+    margin: int = opt(None, "dit: pixels around its patch each token also sees", AT_LEAST_0)
+    down: int = opt(None, "ar: the tokenizer halves each frame this many times", AT_LEAST_0)
+    codes: int = opt(None, "ar: codebook size", AT_LEAST_2)
+    reach: int = opt(None, "ar: each code also sees this many cells around it in the frame before", AT_LEAST_0)
+    tokenizer_iters: int = opt(None, "ar: iterations of the tokenizer stage", AT_LEAST_0)
+    width: int = opt(None, "transformer width", AT_LEAST_1)
+    depth: int = opt(None, "transformer blocks", AT_LEAST_1)
+    heads: int = opt(None, "attention heads", AT_LEAST_1)
+    clip_len: int = opt(None, "frames per training clip (context + denoised)", AT_LEAST_2)
+    batch_size: int = opt(None, "clips per batch", AT_LEAST_1)
+    lr: float = opt(None, "peak learning rate", ABOVE_0)
+    pretrain_iters: int = opt(None, "iterations of the pretrain stage", AT_LEAST_0)
+    finetune_iters: int = opt(None, "iterations of the finetune / scratch stage", AT_LEAST_0)
+    n_free: int = opt(None, "episodes in the action-free corpus", AT_LEAST_0)
+    n_labelled: int = opt(None, "episodes in the action-labelled corpus", AT_LEAST_1)
+    episode_len: int = opt(None, "steps per generated episode", AT_LEAST_2)
     frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (about 25 actions a "
-                             "second of game time for rendered games such as CartPole: 2; 1 for Atari, which skips 4)")
+                             "second of game time for rendered games such as CartPole: 2; 1 for Atari, which skips 4)", AT_LEAST_0)
     # --- the rest
-    warmup: int = opt(100, "learning-rate warm-up iterations")
-    min_lr_frac: float = opt(0.1, "cosine decay ends at lr * this")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "gradient-norm clip")
-    ema: float = opt(0.999, "EMA decay of the evaluation weights")
-    horizon: int = opt(8, "frames rolled out in evaluation")
-    eval_clips: int = opt(96, "held-out clips in evaluation")
-    sample_steps: int = opt(4, "dit: Euler steps per generated frame")
-    temperature: float = opt(None, "ar: sampling temperature (0: the most likely code)")
-    top_k: int = opt(None, "ar: sample from the k most likely codes (0: all)")
-    log_interval: int = opt(50, "iterations between log lines")
-    ckpt_seconds: float = opt(60.0, "seconds between checkpoints")
+    warmup: int = opt(100, "learning-rate warm-up iterations", AT_LEAST_0)
+    min_lr_frac: float = opt(0.1, "cosine decay ends at lr * this", FRACTION)
+    weight_decay: float = opt(0.01, "AdamW weight decay", AT_LEAST_0)
+    grad_clip: float = opt(1.0, "gradient-norm clip", ABOVE_0)
+    ema: float = opt(0.999, "EMA decay of the evaluation weights", (lambda v: 0 <= v < 1, "0 or more and below 1"))
+    horizon: int = opt(8, "frames rolled out in evaluation", AT_LEAST_1)
+    eval_clips: int = opt(96, "held-out clips in evaluation", AT_LEAST_1)
+    sample_steps: int = opt(4, "dit: Euler steps per generated frame", AT_LEAST_1)
+    temperature: float = opt(None, "ar: sampling temperature (0: the most likely code)", AT_LEAST_0)
+    top_k: int = opt(None, "ar: sample from the k most likely codes (0: all)", AT_LEAST_0)
+    log_interval: int = opt(50, "iterations between log lines", AT_LEAST_1)
+    ckpt_seconds: float = opt(60.0, "seconds between checkpoints", AT_LEAST_0)
     data_dir: str = opt("data_cache", "where generated corpora are cached")
 
 
@@ -152,7 +159,12 @@ def parse_config(cls, doc, argv=None):
                            help=f.metadata["help"] + default)
         else:
             p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f.metadata["help"] + default)
-    return cls(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    for f in fields(cls):
+        ok, words = f.metadata.get("valid") or (None, "")
+        if ok and args[f.name] is not None and not ok(args[f.name]):
+            raise UserError(f"--{f.name} {args[f.name]}: must be {words} ({f.metadata['help']})")
+    return cls(**args)
 
 
 def parse_args(argv=None):
@@ -165,6 +177,14 @@ def resolve(cfg, device):
         raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
         meta = read_meta(cfg.data) if os.path.isdir(cfg.data) else {}
+        if meta.get("env") and cfg.env not in ("coin", meta["env"]):           # coin: the default, not asked for
+            raise UserError(f"--env {cfg.env} but --data {cfg.data} was recorded in {meta['env']}: drop --env")
+        if meta.get("env"):                                                    # the control measure replays it
+            try:
+                make_env(meta["env"])
+            except UserError as e:
+                raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its env cannot be made here ({e}): fix it, "
+                                f"or remove the key (then control is measured by shuffled actions only)") from None
         cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
         cfg.frame_skip = cfg.frame_skip or meta.get("frame_skip") or 0    # as recorded (the control measure replays it)
     else:                                             # 0: the game's own frame skip, stored as the number it is
@@ -186,6 +206,10 @@ def resolve(cfg, device):
         raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
     if cfg.clip_len < 2:
         raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
+    if cfg.width % cfg.heads:
+        raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
+    if cfg.backbone == "dit" and cfg.size % cfg.patch:
+        raise UserError(f"--size {cfg.size} is not a multiple of --patch {cfg.patch}: patches tile the frame")
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
@@ -720,6 +744,8 @@ def plan_stages(cfg):
     clash = [f for f in files.values() if os.path.exists(f)]
     if clash and not cfg.resume:
         raise UserError(f"{clash[0]} already exists: pass --resume to continue that run, or choose another --out")
+    if cfg.resume and not clash:
+        print(f"note: --resume found no checkpoint in {cfg.out}: starting the run from the beginning")
     if stages == ["finetune"] and init is None:
         pre = os.path.join(cfg.out, "pretrain.pt")
         if not os.path.exists(pre):
@@ -758,7 +784,7 @@ def action_spec(cfg):
     return dict(spec, keys=spec.get("keys") or keys_for(spec["n_actions"], None, spec["action_dim"]))
 
 
-def resumable(cfg, path):
+def resumable(cfg, path, desc):
     """This stage's own checkpoint when --resume finds one, checked against the flags."""
     if not (cfg.resume and os.path.exists(path)):
         return None
@@ -766,6 +792,10 @@ def resumable(cfg, path):
     if prev["backbone"] != cfg.backbone or prev["data"]["env"] != cfg.env:
         raise UserError(f"{path} is a '{prev['backbone']}' run on '{prev['data']['env']}', not '{cfg.backbone}' on "
                         f"'{cfg.env}': pass the same --backbone and --env, or another --out")
+    mine, theirs = desc["model_args"], prev.get("model_args", {})
+    if changed := [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and mine[k] != theirs[k]]:
+        raise UserError(f"{path} was trained with another model: {', '.join(changed)}: pass the run's own flags, "
+                        f"or another --out")
     return prev
 
 
@@ -773,7 +803,7 @@ def run_stages(cfg, stages, files, desc, init, tok, device, amp, dist, log):
     """Each stage in turn, each started from the one before; a finished stage found by --resume is reused.
     Returns the last stage's checkpoint."""
     for stage in stages:
-        prev = resumable(cfg, files[stage])
+        prev = resumable(cfg, files[stage], desc)
         iters = cfg.tokenizer_iters if stage == "tokenizer" else cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
         if prev is not None and prev["step"] >= iters and (stage != "tokenizer" or "tokenizer_psnr" in prev):
             log(f"resume: {stage} already finished in {files[stage]}, reusing it")
@@ -838,8 +868,9 @@ def train(cfg):
     log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env}' | stages {' -> '.join(stages)} | "
         f"out {cfg.out}" + (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
     if dist.main:                                     # the first process builds the corpora, the others read them
-        for labelled in {s not in ("tokenizer", "pretrain") for s in stages} | {True}:
-            load_corpus(DataConfig(**desc["data"]), labelled)
+        for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
+            data = load_corpus(DataConfig(**desc["data"]), labelled)
+        spread_clips(data.test["lengths"], cfg.clip_len - 1 + cfg.horizon, 1)  # can evaluation run? say so now
     dist.barrier()
     t0 = time.time()
     tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
