@@ -174,6 +174,9 @@ def read_meta(path):
     spec = meta.get("spec")
     if spec is not None and (not isinstance(spec, dict) or {"discrete", "n_actions", "action_dim"} - set(spec)):
         raise UserError(f"{f}: 'spec' must be {{\"discrete\": ..., \"n_actions\": ..., \"action_dim\": ...}}")
+    size = meta.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise UserError(f"{f}: 'size' is {size!r}; write the frames' size in pixels, or leave the key out")
     skip = meta.get("frame_skip")
     if skip is not None and (not isinstance(skip, int) or isinstance(skip, bool) or skip < 1):
         raise UserError(f"{f}: 'frame_skip' is {skip!r}; write the number of frames each action was repeated (1 or more)")
@@ -242,6 +245,9 @@ def read_folder(path, labelled, size=None):
         if parts[-1]["frames"].shape[2:] != parts[0]["frames"].shape[2:]:
             raise UserError(f"{f} has frames of {parts[-1]['frames'].shape[2]} px, {files[0]} of "
                             f"{parts[0]['frames'].shape[2]} px: one folder holds one frame size")
+    if meta.get("size") not in (None, parts[0]["frames"].shape[2]):
+        raise UserError(f"{os.path.join(path, 'meta.json')} says 'size' {meta['size']}, but the frames are "
+                        f"{parts[0]['frames'].shape[2]} px: fix the size in meta.json, or leave the key out")
     return pad_and_join(parts, size), meta
 
 

@@ -285,7 +285,9 @@ def parse_actions(text, spec, horizon):
         if (a < 0).any() or (a >= spec["n_actions"]).any() or (a != a.round()).any():
             raise UserError(f"--actions: write {hint}")
         return a[:, 0].long()
-    return a.clamp(-1, 1)
+    if a.abs().max() > 1:
+        raise UserError(f"--actions '{text}': every number must be in [-1, 1]: write {hint}")
+    return a
 
 
 def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=None, **sampling):
@@ -453,6 +455,8 @@ def main():
 
 
 def play(a, model, ck, device, why, sampling):
+    if ck.get("adapter") == "none":
+        print(f"note: {a.ckpt} has no action module (adapter 'none'): the keys do not change what it generates")
     player = Player(model, ck, device, a.seed, **sampling)
     S = model.backbone.cfg.size
     if a.bench_play:

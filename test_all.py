@@ -1184,6 +1184,13 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
         assert "shard_009.npz" in str(err.value)
     r = run("train.py", "--data", str(tmp_path / "bad0"), "--out", str(tmp_path / "o"), *TINY_FLAGS)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for size, match in ((32, "says 'size' 32, but the frames are 16 px"), ("big", "'size' is 'big'")):
+        d = tmp_path / f"size{size}"                                      # a meta.json whose size is not the frames'
+        write_folder(str(d), iter([ep]), "coin", 16, spec)
+        meta = json.load(open(d / "meta.json"))
+        json.dump(dict(meta, size=size), open(d / "meta.json", "w"))
+        with pytest.raises(UserError, match=match):
+            read_folder(str(d), labelled=True)
 
 
 def test_recorded_folders_pretrain_and_finetune(tmp_path):

@@ -176,7 +176,10 @@ def resolve(cfg, device):
     if cfg.backbone not in BACKBONES:
         raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
-        meta = read_meta(cfg.data) if os.path.isdir(cfg.data) else {}
+        if not os.path.isdir(cfg.data):
+            raise UserError(f"--data {cfg.data}: not a folder; pass the folder of .npz shards and meta.json "
+                            f"(python data.py --record ENV --out DIR writes one)")
+        meta = read_meta(cfg.data)
         if meta.get("env") and cfg.env not in ("coin", meta["env"]):           # coin: the default, not asked for
             raise UserError(f"--env {cfg.env} but --data {cfg.data} was recorded in {meta['env']}: drop --env")
         if meta.get("env"):                                                    # the control measure replays it
