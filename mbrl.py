@@ -110,8 +110,9 @@ class MBRLConfig:
     gamma: float = opt(0.95, "discount", FRACTION)
     plan_batch: str = opt("auto", "how a decision imagines its candidates: tree (discrete actions: each action prefix "
                                   "once, the fewest FLOPs, what a CPU wants), flat (every candidate in one batch of fixed "
-                                  "shape, replayed as CUDA graphs: the fewest kernel launches, what a GPU wants); "
-                                  "auto: tree on a CPU, flat on CUDA")
+                                  "shape, on CUDA replayed as CUDA graphs for the DiT at --plan_steps 1: the fewest "
+                                  "kernel launches, what a GPU wants); auto: tree on a CPU, flat on CUDA; continuous "
+                                  "actions are always flat")
     plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)", AT_LEAST_1)
     eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)", AT_LEAST_1)
     eval_every: int = opt(4, "evaluate after the first fit, every this many rounds, and at the end (1: every round)", AT_LEAST_1)
@@ -279,6 +280,13 @@ def new_world_model(cfg, spec, device):
     return WorldModel(cls(mcls(**kw)), "film", spec).to(device), cfg.backbone, asdict(mcls(**kw))
 
 
+def replay_safe(device, kind, plan_steps):
+    """Whether the imagined rollouts may run as CUDA graphs: only where each call's outputs are used up before the
+    next call, since a replay overwrites them. A KV cache carried from call to call (the GPT's, code by code; a DiT
+    denoising in several Euler steps) is not; the DiT at one Euler step is (its shared context is copied out)."""
+    return torch.device(device).type == "cuda" and kind == "dit" and plan_steps == 1
+
+
 class Agent:
     """The world model, its reward head, the value function, their optimizers, and the imagination.
     Every draw comes from generators made for this agent's seed on its device: `g` for training; planning takes a
@@ -294,7 +302,7 @@ class Agent:
         self.target = copy.deepcopy(self.value).requires_grad_(False)
         flat = cfg.plan_batch == "flat" or (cfg.plan_batch == "auto" and self.device.type == "cuda")
         self.tree = spec["discrete"] and not flat                             # plan_scores imagines a search tree
-        graphs = flat and self.device.type == "cuda"                          # fixed shapes: CUDA graphs pay
+        graphs = flat and replay_safe(self.device, self.kind, cfg.plan_steps)
         self.plan_wm = compiled(self.wm, graphs) if cfg.compile else self.wm   # the same weights, for imagination
         self.opt_wm = torch.optim.AdamW([p for p in self.wm.parameters() if p.requires_grad], cfg.lr, weight_decay=0.01)
         self.opt_r = torch.optim.AdamW(self.reward.parameters(), cfg.lr)
@@ -711,8 +719,9 @@ def bench(cfg, spec, device, why, log):
 
 def normalized(R, R_random, R_oracle):
     """(R - R_random) / (R_oracle - R_random), on means over seeds; None (JSON null) where the true simulator's
-    planner scores the same as random, so that nothing can be normalised."""
-    return float((R - R_random) / (R_oracle - R_random)) if R_oracle != R_random else None
+    planner scores the same as random or could not run, so that nothing can be normalised."""
+    ok = np.isfinite(R_oracle) and R_oracle != R_random                  # (NaN: no simulator to restore)
+    return float((R - R_random) / (R_oracle - R_random)) if ok else None
 
 
 def main(cfg):

@@ -413,9 +413,9 @@ def main():
     p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
     p.add_argument("--horizon", type=int, default=16, help="frames to roll out after the context")
     p.add_argument("--steps", type=int, default=4, help="dit: Euler steps per frame")
-    p.add_argument("--temperature", type=float, default=None, help="ar: sampling temperature (default: the one the "
-                   "checkpoint was evaluated with; 0 picks the most likely code)")
-    p.add_argument("--top_k", type=int, default=None, help="ar: sample from the k most likely codes (0: all; default: as trained)")
+    p.add_argument("--temperature", type=float, default=None, help="ar: sampling temperature; None: the one the "
+                   "checkpoint was evaluated with; 0 picks the most likely code")
+    p.add_argument("--top_k", type=int, default=None, help="ar: sample from the k most likely codes (0: all; None: as trained)")
     p.add_argument("--actions", default="", help="drive the third column with these actions instead of another "
                    "episode's: ids like 4,4,1 (coin: 0 stay 1 up 2 down 3 left 4 right) or vectors like 1,0;0,-1 (pusher)")
     p.add_argument("--play", action="store_true", help="play inside the learned world: a window driven by the arrows "
@@ -441,7 +441,8 @@ def main():
         raise UserError(f"--temperature and --top_k must be 0 or more (got {a.temperature}, {a.top_k})")
     if a.keys is not None and not a.play:
         raise UserError("--keys plays a scripted game: add --play (and --out FILE.gif)")
-    if os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
+    writes = not a.bench_play and not (a.play and a.keys is None)         # (the window writes nothing)
+    if writes and os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
         raise UserError(f"--out {a.out}: no folder '{os.path.dirname(a.out)}' to write into: create it first")
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)

@@ -666,6 +666,14 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
         bad("sample.py", "--ckpt", str(ck), *args, match=match)
 
 
+def test_the_early_horizon_check_uses_the_models_context(tiny_run, tmp_path):
+    """--init_from a 2-frame model with --clip_len 6 given: evaluation needs 1 + horizon frames, not 5 + horizon."""
+    r = run("train.py", "--init_from", str(tiny_run / "out" / "ckpt.pt"), "--stage", "finetune", "--out",
+            str(tmp_path / "o"), *TINY_FLAGS, "--max_iters", "1", "--clip_len", "6", "--horizon", "30", "--eval_clips",
+            "1", "--data_dir", str(tiny_run / "data"))
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 def test_flags_are_checked_before_any_work(tmp_path):
     """Out-of-range numbers, impossible shapes and unknown devices are one-line errors at the start, not tracebacks
     (or silently wrong runs) later; mbrl.py does not overwrite a finished run; an undefined score is JSON null."""
@@ -689,6 +697,9 @@ def test_flags_are_checked_before_any_work(tmp_path):
         mbrl.main(mbrl.parse_args(["--out", str(tmp_path)]))
     assert (tmp_path / "results.json").read_text() == "{}"
     assert mbrl.normalized(3.0, 1.0, 1.0) is None and mbrl.normalized(2.0, 1.0, 3.0) == 0.5
+    assert mbrl.normalized(2.0, 1.0, float("nan")) is None                 # no true simulator: null, not NaN
+    assert mbrl.replay_safe("cuda", "dit", 1) and not mbrl.replay_safe("cpu", "dit", 1)
+    assert not mbrl.replay_safe("cuda", "ar", 1) and not mbrl.replay_safe("cuda", "dit", 2)   # caches across calls
 
 
 def test_an_unknown_procgen_game_is_an_error_not_an_abort():

@@ -152,7 +152,7 @@ def parse_config(cls, doc, argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)
-        own = "default" in f.metadata["help"]                                  # the help says its own default
+        own = "default:" in f.metadata["help"]                                 # the help says its own default
         default = "" if own else " (default: the preset's)" if f.default is None else f" (default {f.default!r})"
         if typ is bool:
             p.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=f.default,
@@ -209,9 +209,9 @@ def resolve(cfg, device):
         raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
     if cfg.clip_len < 2:
         raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
-    if cfg.width % cfg.heads:
+    if cfg.width % cfg.heads and not cfg.init_from:                  # (--init_from: the checkpoint's model)
         raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
-    if cfg.backbone == "dit" and cfg.size % cfg.patch:
+    if cfg.backbone == "dit" and cfg.size % cfg.patch and not cfg.init_from:
         raise UserError(f"--size {cfg.size} is not a multiple of --patch {cfg.patch}: patches tile the frame")
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
@@ -873,7 +873,7 @@ def train(cfg):
     if dist.main:                                     # the first process builds the corpora, the others read them
         for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
             data = load_corpus(DataConfig(**desc["data"]), labelled)
-        spread_clips(data.test["lengths"], cfg.clip_len - 1 + cfg.horizon, 1)  # can evaluation run? say so now
+        spread_clips(data.test["lengths"], desc["model_args"]["clip_len"] - 1 + cfg.horizon, 1)  # can it evaluate?
     dist.barrier()
     t0 = time.time()
     tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
