@@ -661,6 +661,7 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     bad("train.py", "--out", str(tmp_path / "h"), "--max_iters", "3", *TINY_FLAGS, "--horizon", "40", *data,
         match="lower --horizon")
     assert not (tmp_path / "h" / "pretrain.pt").exists()
+    assert "lower --horizon" in (tmp_path / "h" / "train.log").read_text()          # the log says why it stopped
     for args, match in ((["--keys", "right"], "add --play"), (["--play", "--keys", "right,,left"], "'' is not a key"),
                         (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder")):
         bad("sample.py", "--ckpt", str(ck), *args, match=match)

@@ -870,6 +870,19 @@ def train(cfg):
     log = Logger(cfg.out, dist.main)
     log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env}' | stages {' -> '.join(stages)} | "
         f"out {cfg.out}" + (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
+    try:
+        m = run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log)
+    except UserError as e:                            # the log says why the run stopped, as the terminal does
+        if dist.main:
+            with open(log.path, "a") as f:
+                f.write(f"error: {e}\n")
+        raise
+    dist.close()
+    return m
+
+
+def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log):
+    """Data (built once, by the first process), the stages, the evaluation -> metrics (None on other processes)."""
     if dist.main:                                     # the first process builds the corpora, the others read them
         for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
             data = load_corpus(DataConfig(**desc["data"]), labelled)
@@ -880,7 +893,6 @@ def train(cfg):
     ck = run_stages(cfg, stages, files, desc, init, tok, device, amp, dist, log)
     m = report(ck, cfg, device, why, stages, t0, log) if dist.main else None
     dist.barrier()
-    dist.close()
     return m
 
 
