@@ -406,7 +406,7 @@ def bench_play(player, frames=32):
     return frames / (time.perf_counter() - t)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
     p.add_argument("--out", default="rollout.gif", help="the GIF to write")
@@ -424,35 +424,39 @@ def main():
     p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    check_args(a)
     device, _, why = pick_device(a.device)
-    if not a.ckpt:
-        raise UserError("--ckpt is required: a checkpoint written by train.py")
     model, ck = load_model(a.ckpt, device)
     trained = ck["config"]
-    if a.temperature is None:
-        a.temperature = trained.get("temperature") or 0.0
-    if a.top_k is None:
-        a.top_k = trained.get("top_k") or 0
+    a.temperature = (trained.get("temperature") or 0.0) if a.temperature is None else a.temperature
+    a.top_k = (trained.get("top_k") or 0) if a.top_k is None else a.top_k
     sampling = dict(steps=a.steps, temperature=a.temperature, top_k=a.top_k)
-    if a.n < 1 or a.steps < 1:
-        raise UserError(f"--n and --steps must be at least 1 (got {a.n}, {a.steps})")
-    if a.temperature < 0 or a.top_k < 0:
-        raise UserError(f"--temperature and --top_k must be 0 or more (got {a.temperature}, {a.top_k})")
-    if a.keys is not None and not a.play:
-        raise UserError("--keys plays a scripted game: add --play (and --out FILE.gif)")
-    writes = not a.bench_play and not (a.play and a.keys is None)         # (the window writes nothing)
-    if writes and os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
-        raise UserError(f"--out {a.out}: no folder '{os.path.dirname(a.out)}' to write into: create it first")
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)
-    if a.horizon < 1:
-        raise UserError(f"--horizon must be at least 1 (got {a.horizon})")
-    if not a.out.lower().endswith(".gif"):
-        raise UserError(f"--out should name a .gif file; got '{a.out}'")
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
     n, H = compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, **sampling)
     print(f"wrote {a.out}: {n} held-out '{ck['data']['env'] or 'the data'}' episodes, {H} frames ({why})")
+
+
+def check_args(a):
+    """The flags that need no checkpoint, checked before one is loaded."""
+    if not a.ckpt:
+        raise UserError("--ckpt is required: a checkpoint written by train.py")
+    if a.n < 1 or a.steps < 1 or a.horizon < 1:
+        raise UserError(f"--n, --steps and --horizon must be at least 1 (got {a.n}, {a.steps}, {a.horizon})")
+    if (a.temperature or 0) < 0 or (a.top_k or 0) < 0:
+        raise UserError(f"--temperature and --top_k must be 0 or more (got {a.temperature}, {a.top_k})")
+    if a.keys is not None and not a.play:
+        raise UserError("--keys plays a scripted game: add --play (and --out FILE.gif)")
+    if a.bench_play or (a.play and a.keys is None):                       # nothing to write (the window shows it)
+        return
+    if not a.out.lower().endswith(".gif"):
+        raise UserError(f"--out should name a .gif file; got '{a.out}'")
+    if os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
+        raise UserError(f"--out {a.out}: no folder '{os.path.dirname(a.out)}' to write into: create it first")
+    if a.keys is not None and (bad := [k for k in (k.strip() for k in a.keys.split(",")) if k not in KEYS]):
+        raise UserError(f"--keys '{a.keys}': {', '.join(map(repr, bad))} is not a key: use {', '.join(KEYS)}")
 
 
 def play(a, model, ck, device, why, sampling):
@@ -463,11 +467,7 @@ def play(a, model, ck, device, why, sampling):
     if a.bench_play:
         print(f"play: {bench_play(player):.1f} frames/s ({S}x{S} frames, {sampling['steps']} Euler steps, {why})")
     elif a.keys is not None:
-        if not a.out.lower().endswith(".gif"):
-            raise UserError(f"--out should name a .gif file; got '{a.out}'")
-        keys = [k.strip() for k in a.keys.split(",")]
-        if bad := [k for k in keys if k not in KEYS]:
-            raise UserError(f"--keys '{a.keys}': {', '.join(repr(k) for k in bad)} is not a key: use {', '.join(KEYS)}")
+        keys = [k.strip() for k in a.keys.split(",")]                     # (check_args: every one a key)
         play_keys(player, keys, a.out)
         print(f"wrote {a.out}: {len(keys)} frames played in '{ck['data']['env'] or 'the data'}' by keys ({why})")
     else:

@@ -654,17 +654,22 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     before = ck.read_bytes()
     bad("train.py", "--out", str(tiny_run / "out"), "--max_iters", "2", *TINY_FLAGS, match="--resume")
     # ... and so does --resume with another model's flags; an evaluation that cannot run is refused before training
+    import train                                     # (in-process: both stop before any training)
     data = ("--data_dir", str(tiny_run / "data"))
-    bad("train.py", "--out", str(tiny_run / "out"), "--resume", "--max_iters", "3", *TINY_FLAGS, "--width", "64", *data,
-        match="--width 64 (the run has 32)")
+    with pytest.raises(UserError, match=re.escape("--width 64 (the run has 32)")):
+        train.train(train.parse_args(["--out", str(tiny_run / "out"), "--resume", "--max_iters", "3", *TINY_FLAGS,
+                                      "--width", "64", *data]))
     assert ck.read_bytes() == before
-    bad("train.py", "--out", str(tmp_path / "h"), "--max_iters", "3", *TINY_FLAGS, "--horizon", "40", *data,
-        match="lower --horizon")
+    with pytest.raises(UserError, match="lower --horizon"):
+        train.train(train.parse_args(["--out", str(tmp_path / "h"), "--max_iters", "3", *TINY_FLAGS, "--horizon", "40",
+                                      *data]))
     assert not (tmp_path / "h" / "pretrain.pt").exists()
     assert "lower --horizon" in (tmp_path / "h" / "train.log").read_text()          # the log says why it stopped
+    import sample                                    # sample.py's flags are checked before the checkpoint loads
     for args, match in ((["--keys", "right"], "add --play"), (["--play", "--keys", "right,,left"], "'' is not a key"),
                         (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder")):
-        bad("sample.py", "--ckpt", str(ck), *args, match=match)
+        with pytest.raises(UserError, match=match):
+            sample.main(["--ckpt", str(tmp_path / "never_read.pt"), *args])
 
 
 def test_the_early_horizon_check_uses_the_models_context(tiny_run, tmp_path):
