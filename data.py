@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from envs import GymEnv, UserError, make_env, need, run_cli, WORLDS
+from envs import AT_LEAST_1, FRACTION, GymEnv, UserError, make_env, need, run_cli, WORLDS
 
 FORMAT = "nanoworld-episodes-1"
 DATA_VERSION = 4            # 3: anti-aliased edges; 4: any environment, meta.json in the documented format
@@ -174,12 +174,11 @@ def read_meta(path):
     spec = meta.get("spec")
     if spec is not None and (not isinstance(spec, dict) or {"discrete", "n_actions", "action_dim"} - set(spec)):
         raise UserError(f"{f}: 'spec' must be {{\"discrete\": ..., \"n_actions\": ..., \"action_dim\": ...}}")
-    size = meta.get("size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-        raise UserError(f"{f}: 'size' is {size!r}; write the frames' size in pixels, or leave the key out")
-    skip = meta.get("frame_skip")
-    if skip is not None and (not isinstance(skip, int) or isinstance(skip, bool) or skip < 1):
-        raise UserError(f"{f}: 'frame_skip' is {skip!r}; write the number of frames each action was repeated (1 or more)")
+    for key, fix in (("size", "write the frames' size in pixels, or leave the key out"),
+                     ("frame_skip", "write the number of frames each action was repeated (1 or more)")):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise UserError(f"{f}: '{key}' is {v!r}; {fix}")
     return meta
 
 
@@ -416,19 +415,18 @@ def record(env_name, episodes, out, size, episode_len, frames_only, seed, sticky
           f"{episode_len} steps) to {out} in {time.time() - t0:.0f} s")
 
 
-def checked(typ, ok, words):
-    """An argparse type: typ(text), refused (a one-line usage error, exit 2) unless ok(value)."""
+def checked(typ, valid):
+    """An argparse type: typ(text), refused (a one-line usage error, exit 2) unless valid (envs.AT_LEAST_1 ...) holds."""
     def parse(text):
         v = typ(text)
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"{text}: must be {words}")
+        if not valid[0](v):
+            raise argparse.ArgumentTypeError(f"{text}: must be {valid[1]}")
         return v
     return parse
 
 
 def main():
-    positive = checked(int, lambda v: v >= 1, "1 or more")
-    fraction = checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+    positive, fraction = checked(int, AT_LEAST_1), checked(float, FRACTION)
     p = argparse.ArgumentParser(description="Environments and episodes. --list prints the built-in worlds; --preview "
                                 "FILE.gif rolls the behaviour policy; --record ENV --out DIR writes episodes for "
                                 "train.py --data.", epilog=__doc__.split("\n\n", 3)[3],

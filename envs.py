@@ -31,6 +31,13 @@ import sys
 import numpy as np
 
 
+# what a numeric flag may be: (test, the words an error gives), for train.py and mbrl.py's configs (train.opt) and
+# data.py's flags (checked)
+ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2 = ((lambda v: v > 0, "above 0"), (lambda v: v >= 0, "0 or more"),
+                                               (lambda v: v >= 1, "1 or more"), (lambda v: v >= 2, "2 or more"))
+FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
 class UserError(Exception):
     """A mistake in what the user asked for. Scripts print it as one line and exit with code 2."""
 

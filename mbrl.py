@@ -56,13 +56,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import UserError, make_env, run_cli
+from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, make_env, run_cli
 from data import ClipSampler, DataConfig, generate_episodes, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES
 from sample import CKPT_FORMAT, load_model, read_checkpoint, rollout
-from train import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, opt, parse_config, save_checkpoint
+from train import opt, parse_config, save_checkpoint
 
 
 @dataclass

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import GymEnv, Stopped, UserError, keys_for, locate_agent, make_env, run_cli
+from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, keys_for, locate_agent,
+                  make_env, run_cli)
 from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_meta, spread_clips, to_float, to_uint8
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
                    pick_device, seeded, tokenizer_flops)
@@ -41,14 +42,9 @@ from loss import LOSSES, NOISE
 from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, rollout
 
 
-# what a numeric flag may be: (test, the words an error gives); parse_config checks every flag against its own
-ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2 = ((lambda v: v > 0, "above 0"), (lambda v: v >= 0, "0 or more"),
-                                               (lambda v: v >= 1, "1 or more"), (lambda v: v >= 2, "2 or more"))
-FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
-
-
 def opt(default, help, valid=None):
-    """A config field: its default, its --help text, and what values it may take (None: any)."""
+    """A config field: its default, its --help text, and what values it may take (envs.AT_LEAST_1 ...; None: any);
+    parse_config checks every flag against its own."""
     return field(default=default, metadata={"help": help, "valid": valid})
 
 
