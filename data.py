@@ -18,9 +18,10 @@ and `--pretrain_data` read): a folder of compressed numpy shards, each holding s
     shard_000.npz    frames   uint8 (E, L+1, S, S, 3)   required (one episode alone may be (L+1, S, S, 3))
                      lengths  int (E,)                  valid frames per episode; default: all L+1
                      actions  int (E, L) ids, or float (E, L, A) in [-1, 1]     labelled folders only
-                     rewards  float (E, L), ends bool (E, L)                    optional (default 0 and False)
+                     rewards  float (E, L), ends bool (E, L), finite            optional (default 0 and False)
     meta.json        {"format": "nanoworld-episodes-1", "env": "gym:ALE/Breakout-v5" or null, "size": S,
-                      "spec": {"discrete": true, "n_actions": 4, "action_dim": 0}}      (needed for actions)
+                      "spec": {"discrete": true, "n_actions": 4, "action_dim": 0}}      (needed for actions;
+                      the spec may add "keys": {"left": 3, ...}, play's key names -> actions)
 
 Shards may hold episodes of different lengths (they are padded on loading); frames of one folder share one size
 (they are resized to the run's --size if it differs). A malformed file is a one-line error naming it.
@@ -35,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from envs import AT_LEAST_1, FRACTION, GymEnv, UserError, make_env, need, run_cli, WORLDS
+from envs import AT_LEAST_0, AT_LEAST_1, FRACTION, KEYS, GymEnv, UserError, make_env, need, run_cli, WORLDS
 
 FORMAT = "nanoworld-episodes-1"
 DATA_VERSION = 4            # 3: anti-aliased edges; 4: any environment, meta.json in the documented format
@@ -174,12 +175,26 @@ def read_meta(path):
     spec = meta.get("spec")
     if spec is not None and (not isinstance(spec, dict) or {"discrete", "n_actions", "action_dim"} - set(spec)):
         raise UserError(f"{f}: 'spec' must be {{\"discrete\": ..., \"n_actions\": ..., \"action_dim\": ...}}")
+    if spec is not None and spec.get("keys") is not None and not good_keys(spec):
+        raise UserError(f"{f}: spec 'keys' must map key names ({', '.join(KEYS)}) to actions of this spec (ids in "
+                        f"[0, n_actions), or action_dim floats in [-1, 1]): fix them, or leave the key out")
     for key, fix in (("size", "write the frames' size in pixels, or leave the key out"),
                      ("frame_skip", "write the number of frames each action was repeated (1 or more)")):
         v = meta.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UserError(f"{f}: '{key}' is {v!r}; {fix}")
     return meta
+
+
+def good_keys(spec):
+    """Whether a spec's 'keys' maps play's key names to actions of that spec."""
+    keys = spec["keys"]
+    if not isinstance(keys, dict) or not set(keys) <= set(KEYS):
+        return False
+    if spec["discrete"]:
+        return all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < spec["n_actions"] for a in keys.values())
+    return all(isinstance(a, list) and len(a) == spec["action_dim"] and
+               all(isinstance(v, (int, float)) and -1 <= v <= 1 for v in a) for a in keys.values())
 
 
 def check_shard(f, arrays, spec, labelled):
@@ -204,18 +219,20 @@ def check_shard(f, arrays, spec, labelled):
     a = arrays["actions"]
     want = (E, L) if spec["discrete"] else (E, L, spec["action_dim"])
     ok = a.shape == want and (a.dtype.kind in "iu" if spec["discrete"] else a.dtype.kind == "f")
-    if ok and spec["discrete"]:
-        ok = a.size == 0 or (a.min() >= 0 and a.max() < spec["n_actions"])
+    if ok and a.size:
+        ok = (a.min() >= 0 and a.max() < spec["n_actions"]) if spec["discrete"] else bool(np.isfinite(a).all() and
+                                                                                        np.abs(a).max() <= 1)
     if not ok:
         kind = f"integer ids in [0, {spec['n_actions']})" if spec["discrete"] else f"floats in [-1, 1]"
         seen = f" in [{a.min()}, {a.max()}]" if a.size and a.dtype.kind in "iuf" else ""
         raise UserError(f"{f}: actions are {a.dtype} {a.shape}{seen}; this folder's meta.json says {want} {kind}: fix "
                         f"the actions or the spec in meta.json")
-    out["actions"] = a.astype(np.int64) if spec["discrete"] else np.clip(a.astype(np.float32), -1, 1)
+    out["actions"] = a.astype(np.int64) if spec["discrete"] else a.astype(np.float32)
     for key, dtype in (("rewards", np.float32), ("ends", bool)):
         v = np.asarray(arrays.get(key, np.zeros((E, L))))
-        if v.shape != (E, L):
-            raise UserError(f"{f}: {key} are {v.shape}; expected one per step, (episodes, steps) = {(E, L)}")
+        if v.shape != (E, L) or v.dtype.kind not in "biuf" or not np.isfinite(v.astype(np.float64)).all():
+            raise UserError(f"{f}: {key} are {v.dtype} {v.shape}; expected one finite number per step, (episodes, "
+                            f"steps) = {(E, L)}")
         out[key] = v.astype(dtype)
     return out
 
@@ -227,9 +244,6 @@ def read_folder(path, labelled, size=None):
         raise UserError(f"no data folder at '{path}': record one with `python data.py --record ENV --out DIR`")
     meta = read_meta(path)
     spec = meta.get("spec")
-    if labelled and spec is None:
-        raise UserError(f"{path} has no meta.json with the action 'spec': labelled episodes need one (see the format "
-                        f"in `python data.py --help`)")
     files = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
     if not files:
         raise UserError(f"{path} holds no .npz shards of episodes")
@@ -240,7 +254,11 @@ def read_folder(path, labelled, size=None):
             arrays = dict(np.load(f, allow_pickle=False))
         except Exception as e:
             raise UserError(f"{f} is not a readable .npz file ({type(e).__name__}): re-save it with np.savez_compressed") from None
-        parts.append(check_shard(f, arrays, spec, labelled))
+        parts.append(check_shard(f, arrays, spec, labelled and spec is not None))
+        if labelled and spec is None:                 # frames only: one no-op action per step (train.py asks for actions
+            E, L = parts[-1]["frames"].shape[:2]      # from such a folder only to evaluate a backbone pre-trained on it)
+            parts[-1].update(actions=np.zeros((E, L - 1), np.int64), rewards=np.zeros((E, L - 1), np.float32),
+                             ends=np.zeros((E, L - 1), bool))
         if parts[-1]["frames"].shape[2:] != parts[0]["frames"].shape[2:]:
             raise UserError(f"{f} has frames of {parts[-1]['frames'].shape[2]} px, {files[0]} of "
                             f"{parts[0]['frames'].shape[2]} px: one folder holds one frame size")
@@ -396,8 +414,8 @@ def to_uint8(x):
 
 def record(env_name, episodes, out, size, episode_len, frames_only, seed, sticky, frame_skip):
     """python data.py --record ENV: sticky-random episodes in the episode format, for train.py --data."""
-    if os.path.exists(out) and os.listdir(out):
-        raise UserError(f"{out} already exists and is not empty: choose another --out")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"{out} already exists and is not an empty folder: choose another --out")
     cfg = DataConfig(env=env_name, size=size, episode_len=episode_len, sticky=sticky, frame_skip=frame_skip, seed=seed)
     env = make_env(env_name, num=1, size=size, max_steps=episode_len, frame_skip=frame_skip)
     spec, frame_skip = env.spec, env.frame_skip                            # the number used (0: the game's own)
@@ -426,7 +444,7 @@ def checked(typ, valid):
 
 
 def main():
-    positive, fraction = checked(int, AT_LEAST_1), checked(float, FRACTION)
+    positive, fraction, natural = checked(int, AT_LEAST_1), checked(float, FRACTION), checked(int, AT_LEAST_0)
     p = argparse.ArgumentParser(description="Environments and episodes. --list prints the built-in worlds; --preview "
                                 "FILE.gif rolls the behaviour policy; --record ENV --out DIR writes episodes for "
                                 "train.py --data.", epilog=__doc__.split("\n\n", 3)[3],
@@ -442,9 +460,9 @@ def main():
     p.add_argument("--episode_len", type=positive, default=None, help="--record: steps per episode (default 32; 64 for games)")
     p.add_argument("--frames_only", action="store_true", help="--record: leave the actions out (a corpus of videos)")
     p.add_argument("--sticky", type=fraction, default=0.75, help="--record: a random action repeats with this probability")
-    p.add_argument("--frame_skip", type=int, default=0, help="--record, gym: repeat each action this many times "
+    p.add_argument("--frame_skip", type=natural, default=0, help="--record, gym: repeat each action this many times "
                    "(0: the game's default, 2 for CartPole's 50 steps a second, 1 for Atari)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=natural, default=0)
     a = p.parse_args()
     if a.list:
         print("\n".join(WORLDS))

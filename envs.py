@@ -329,14 +329,17 @@ def resize(frames, size):
 
 def keys_for(n_actions, meanings=None, action_dim=0):
     """The keys that play an action space: by the game's own action names where it has them (Atari: NOOP, FIRE,
-    LEFT, ...), else by convention (2 actions: left, right; 3: left, none, right; vectors: arrows on x, then y)."""
+    LEFT, ...; a game with no UP or DOWN takes up and down as RIGHT and LEFT, its one axis: in Pong RIGHT moves the
+    paddle up), else by convention (2 actions: left, right; 3: left, none, right; vectors: arrows on x, then y)."""
     if action_dim:
         x = lambda v: [float(v)] + [0.0] * (action_dim - 1)
         y = lambda v: [0.0, float(v)] + [0.0] * (action_dim - 2) if action_dim > 1 else x(0)
         return dict(left=x(-1), right=x(1), up=y(-1), down=y(1), space=x(0), none=x(0))
     if meanings:
         by_name = {m.upper(): i for i, m in enumerate(meanings)}
-        names = dict(left="LEFT", right="RIGHT", up="UP", down="DOWN", space="FIRE", none="NOOP")
+        vertical = "UP" in by_name or "DOWN" in by_name
+        names = dict(left="LEFT", right="RIGHT", up="UP" if vertical else "RIGHT", down="DOWN" if vertical else "LEFT",
+                     space="FIRE", none="NOOP")
         return {k: by_name.get(v, 0) for k, v in names.items()}
     order = {2: ("left", "right"), 3: ("left", "none", "right")}.get(n_actions, ("none", "left", "right", "up", "down", "space"))
     keys = {k: i for i, k in enumerate(order) if i < n_actions}
@@ -358,6 +361,7 @@ class GymEnv(Env):
     def __init__(self, env_id, num=1, size=64, max_steps=64, seed=0, frame_skip=0):
         super().__init__(num, size, max_steps)
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")                   # frames are rendered off screen
+        os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")                # else SDL (pygame) swallows SIGINT/SIGTERM
         self.gym = need("gymnasium", f"gym:{env_id}")
         self.id, self.name, self.kw, self.seed = env_id, f"gym:{env_id}", {}, int(seed)
         if env_id.startswith("ALE/"):

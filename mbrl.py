@@ -731,6 +731,8 @@ def main(cfg):
     kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}
     if cfg.imagination not in kinds:
         raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UserError(f"--out {cfg.out} is a file: pass a folder (it holds results.json, curves.png and the log)")
     if not cfg.bench and os.path.exists(os.path.join(cfg.out, "results.json")):
         raise UserError(f"{cfg.out} already holds a finished run (results.json): pass another --out or delete it")
     device, _, why = pick_device(cfg.device)

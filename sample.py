@@ -46,6 +46,7 @@ def denoise(model, history, actions, n_new, steps=4, generator=None, share=1, us
     B, (Bh, h) = actions.shape[0], history.shape[:2]
     x = torch.randn((B // share, n_new) + history.shape[2:], device=history.device, generator=generator)
     x = x.repeat_interleave(share, 0)
+    use_cache = use_cache and (steps > 1 or Bh < B)      # one step over one history each: the cache saves nothing
     cache = model.backbone.new_cache() if use_cache else None
     if use_cache and Bh < B:                             # a shared history: computed once, its keys copied to each row
         model(history, torch.zeros(Bh, h, device=x.device), cache=cache, actions=actions[::B // Bh, :h])
@@ -336,7 +337,7 @@ class Player:
     def step(self, key):
         """One generated frame after pressing `key` -> (S, S, 3) uint8."""
         if key not in self.keys:
-            raise UserError(f"unknown key '{key}': use {', '.join(KEYS)}")
+            raise UserError(f"key '{key}' plays no action of this model: use {', '.join(self.keys)}")
         a = torch.as_tensor(self.keys[key], dtype=self.actions.dtype, device=self.device)
         self.actions = torch.cat([self.actions, a.expand((1, 1) + self.actions.shape[2:])], 1)[:, -(self.k + 1):]
         new = rollout(self.model, self.frames[:, -self.k:], self.actions, generator=self.g, **self.sampling)
@@ -435,8 +436,11 @@ def main(argv=None):
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
+    if ck.get("adapter") == "none":
+        print(f"note: {a.ckpt} has no action module (adapter 'none'): its rollouts under other actions are the same")
     n, H = compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, **sampling)
-    print(f"wrote {a.out}: {n} held-out '{ck['data']['env'] or 'the data'}' episodes, {H} frames ({why})")
+    print(f"wrote {a.out}: {n} held-out '{ck['data']['env'] or 'the data'}' episodes" +
+          (f" ({a.n} asked: the held-out split holds {n})" if n < a.n else "") + f", {H} frames ({why})")
 
 
 def check_args(a):
@@ -465,7 +469,8 @@ def play(a, model, ck, device, why, sampling):
     player = Player(model, ck, device, a.seed, **sampling)
     S = model.backbone.cfg.size
     if a.bench_play:
-        print(f"play: {bench_play(player):.1f} frames/s ({S}x{S} frames, {sampling['steps']} Euler steps, {why})")
+        how = "codes one by one" if isinstance(model.backbone, VideoGPT) else f"{sampling['steps']} Euler steps"
+        print(f"play: {bench_play(player):.1f} frames/s ({S}x{S} frames, {how}, {why})")
     elif a.keys is not None:
         keys = [k.strip() for k in a.keys.split(",")]                     # (check_args: every one a key)
         play_keys(player, keys, a.out)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from envs import UserError, WORLDS, locate_agent, make_env
+from envs import UserError, WORLDS, keys_for, locate_agent, make_env
 from data import DataConfig, generate_episodes, play_episodes
 from model import ARConfig, DiT, DiTConfig, VideoGPT, pick_device
 from adapter import WorldModel
@@ -362,6 +362,11 @@ def test_motion_weights_uniform_without_motion_and_peaked_where_pixels_change():
     assert w[0, 2, 0, 2] == w[0, 2].max() and w[0, 2, 0, 2] > 2 * w[0, 2, 3, 3]
     assert torch.allclose(w[:, 2].mean((1, 2)), torch.ones(2))        # the mean weight of a frame stays 1
     assert w.max() <= 8.0 + 1e-5                                        # bounded
+    panning = still.clone()
+    panning[:, 2] = still[:, 1].roll(4, -1)                              # frame 2: the whole view shifts (a camera)
+    panning[:, 2, :, 0:4, 8:12] += 0.5                                   # and one cell changes more than the rest
+    w = motion_weights(panning, 4, c=1.0)
+    assert torch.allclose(w[:, 2], torch.ones_like(w[:, 2]))            # every cell moved: no reweighting
 
 
 def test_sampler_recovers_a_known_answer():
@@ -394,7 +399,10 @@ def test_overfits_one_batch():
     torch.manual_seed(0)
     m = WorldModel(DiT(SMALL), "film", SPECS["coin"])
     opt = torch.optim.Adam(m.parameters(), 3e-3)
-    x, a = torch.rand(4, 3, 3, 16, 16) * 2 - 1, actions_for(SPECS["coin"], 4, 3)
+    x = (torch.rand(4, 1, 3, 16, 16) * 2 - 1).repeat(1, 3, 1, 1, 1)    # still backgrounds and a block moving across
+    for t in range(3):                                                   # (so that the motion weights are not uniform)
+        x[:, t, :, 4:8, 2 + 3 * t:6 + 3 * t] = 1.0
+    a = actions_for(SPECS["coin"], 4, 3)
     losses = []
     for _ in range(150):
         loss = flow_matching_loss(m, x, a, motion_c=1.0, generator=torch.Generator().manual_seed(0))   # same noise every step
@@ -586,6 +594,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "3", *common).returncode == 0
     r = run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "6", "--resume", *common)
     assert r.returncode == 0 and "resumed scratch" in r.stdout, r.stderr[-2000:]
+    assert "scratch was planned for 3 iterations and continues to 6" in r.stdout      # (the lr schedule changes: said)
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert b["step"] == 6 and b["model_args"]["margin"] == 0               # an explicit 0 is not "unset"
     for k in a["model"]:
@@ -665,6 +674,20 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
                                       *data]))
     assert not (tmp_path / "h" / "pretrain.pt").exists()
     assert "lower --horizon" in (tmp_path / "h" / "train.log").read_text()          # the log says why it stopped
+    out = ["--out", str(tiny_run / "out"), "--resume", *TINY_FLAGS, *data]
+    for argv, match in ((["--backbone", "ar"], "is a 'dit' run on 'coin', not 'ar'"),     # before the tokenizer stage
+                        (["--max_iters", "5"], "ended at step 3 and .*ckpt.pt was built on it")):  # a longer pretrain
+        with pytest.raises(UserError, match=match):
+            train.train(train.parse_args(out + argv))
+    assert ck.read_bytes() == before and not (tiny_run / "out" / "tokenizer.pt").exists()
+    for argv, match in ((["--tokenizer", str(ck)], "--tokenizer is for --backbone ar"), (["--out", str(ck)], "is a file"),
+                        (["--init_from", str(ck), "--size", "32"], "--size 32 .* was trained with 16")):
+        with pytest.raises(UserError, match=match):
+            cfg = train.parse_args(argv)
+            train.resolve(cfg, torch.device("cpu")), train.plan_stages(cfg)
+    cfg = train.parse_args(["--init_from", str(ck), "--stage", "finetune"])
+    train.resolve(cfg, torch.device("cpu"))
+    assert (cfg.size, cfg.width, cfg.clip_len) == (16, 32, 2)            # the checkpoint's model, not the preset's
     import sample                                    # sample.py's flags are checked before the checkpoint loads
     for args, match in ((["--keys", "right"], "add --play"), (["--play", "--keys", "right,,left"], "'' is not a key"),
                         (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder")):
@@ -672,12 +695,17 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
             sample.main(["--ckpt", str(tmp_path / "never_read.pt"), *args])
 
 
-def test_the_early_horizon_check_uses_the_models_context(tiny_run, tmp_path):
-    """--init_from a 2-frame model with --clip_len 6 given: evaluation needs 1 + horizon frames, not 5 + horizon."""
-    r = run("train.py", "--init_from", str(tiny_run / "out" / "ckpt.pt"), "--stage", "finetune", "--out",
-            str(tmp_path / "o"), *TINY_FLAGS, "--max_iters", "1", "--clip_len", "6", "--horizon", "30", "--eval_clips",
-            "1", "--data_dir", str(tiny_run / "data"))
+def test_init_from_brings_its_model_and_the_early_horizon_check_uses_it(tiny_run, tmp_path):
+    """--init_from a 2-frame 16-px model: the run takes its size and context (the tiny preset's would be 32 px), so
+    evaluation needs 1 + horizon frames of 16 px; a --clip_len that contradicts the checkpoint is refused."""
+    common = ["train.py", "--init_from", str(tiny_run / "out" / "ckpt.pt"), "--stage", "finetune", "--out",
+              str(tmp_path / "o"), *TINY_FLAGS, "--max_iters", "1", "--horizon", "30", "--eval_clips", "1",
+              "--data_dir", str(tiny_run / "data")]
+    r = run(*common, "--clip_len", "6")
+    assert r.returncode == 2 and "--clip_len 6 but --init_from" in r.stderr, r.stderr[-1500:]
+    r = run(*common)
     assert r.returncode == 0, r.stderr[-1500:]
+    assert json.load(open(tmp_path / "o" / "metrics.json"))["context"] == 1
 
 
 def test_flags_are_checked_before_any_work(tmp_path):
@@ -686,7 +714,7 @@ def test_flags_are_checked_before_any_work(tmp_path):
     import mbrl, train
     for argv, match in ((["--lr", "-1"], "--lr -1.0: must be above 0"), (["--batch_size", "0"], "1 or more"),
                         (["--ema", "1"], "below 1"), (["--sample_steps", "0"], "--sample_steps 0"),
-                        (["--max_iters", "-5"], "0 or more")):
+                        (["--max_iters", "-5"], "0 or more"), (["--seed", "-1"], "--seed -1: must be 0 or more")):
         with pytest.raises(UserError, match=re.escape(match)):
             train.parse_args(argv)
     for argv, match in ((["--heads", "3"], "multiple of --heads 3"), (["--patch", "5"], "multiple of --patch 5")):
@@ -1058,6 +1086,31 @@ def game(module):
     return pytest.importorskip(module, reason="pip install -r requirements-games.txt")
 
 
+def test_a_kill_stops_a_rendered_game(tmp_path):
+    """Classic-control games render through pygame, whose SDL would catch SIGTERM and SIGINT and go on: a kill
+    (or Ctrl-C) must stop data.py --record within moments."""
+    game("pygame")
+    p = subprocess.Popen([sys.executable, "data.py", "--record", "gym:Acrobot-v1", "--episodes", "5000", "--out",
+                          str(tmp_path / "rec")], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(6)                                                    # inside the recording: pygame is loaded
+        p.terminate()
+        assert p.wait(timeout=10) != 0
+    finally:
+        p.kill()
+
+
+def test_keys_follow_the_games_action_names():
+    """Play's keys press the game's own actions by name; a game with one axis named LEFT/RIGHT (Pong, where RIGHT
+    moves the paddle up) takes up and down on that axis instead of doing nothing."""
+    pong = keys_for(6, ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"])
+    assert (pong["up"], pong["down"], pong["space"], pong["none"]) == (2, 3, 1, 0)
+    maze = keys_for(5, ["NOOP", "UP", "RIGHT", "LEFT", "DOWN"])
+    assert (maze["up"], maze["down"], maze["left"], maze["right"]) == (1, 4, 3, 2)
+    assert keys_for(3) == dict(left=0, none=1, right=2, up=1, down=1, space=1)
+    assert keys_for(0, None, 2)["up"] == [0.0, -1.0]
+
+
 @pytest.mark.parametrize("name", ["gym:CartPole-v1", "gym:MountainCarContinuous-v0", "gym:ALE/Breakout-v5",
                                   "procgen:coinrun"])
 def test_games_step_render_and_restore_exactly(name):
@@ -1208,6 +1261,18 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
         json.dump(dict(meta, size=size), open(d / "meta.json", "w"))
         with pytest.raises(UserError, match=match):
             read_folder(str(d), labelled=True)
+    push = generate_episodes(DataConfig(env="pusher", size=16, episode_len=6), 3, seed=0)   # continuous actions
+    for i, (arrays, match) in enumerate([(dict(push, actions=np.full_like(push["actions"], np.nan)), "nan"),
+                                         (dict(push, actions=push["actions"] * 3), "floats in \\[-1, 1\\]"),
+                                         (dict(push, rewards=push["rewards"] + np.nan), "finite")]):
+        d = tmp_path / f"push{i}"
+        write_folder(str(d), iter([arrays]), "pusher", 16, make_env("pusher").spec)
+        with pytest.raises(UserError, match=match):
+            read_folder(str(d), labelled=True)
+    d = tmp_path / "keys"                                                # play's keys must be actions of the spec
+    write_folder(str(d), iter([ep]), "coin", 16, dict(spec, keys={"left": 99}))
+    with pytest.raises(UserError, match="spec 'keys'"):
+        read_folder(str(d), labelled=True)
 
 
 def test_recorded_folders_pretrain_and_finetune(tmp_path):
@@ -1223,6 +1288,14 @@ def test_recorded_folders_pretrain_and_finetune(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "o" / "metrics.json"))
     assert m["stages"] == ["pretrain", "finetune"] and "control_psnr" in m   # the folder says it came from pusher
+    r = run("train.py", "--data", str(tmp_path / "videos"), "--stage", "pretrain", "--out", str(tmp_path / "v"),
+            "--max_iters", "2", *TINY_FLAGS)                               # videos alone pre-train (and evaluate)
+    assert r.returncode == 0 and "trained on frames only" in r.stdout, r.stderr[-2000:]
+    meta = json.load(open(tmp_path / "labelled" / "meta.json"))
+    json.dump(dict(meta, env="coin"), open(tmp_path / "labelled" / "meta.json", "w"))   # a spec its env contradicts
+    import train
+    with pytest.raises(UserError, match="is not the action space of its env coin"):
+        train.resolve(train.parse_args(["--data", str(tmp_path / "labelled")]), torch.device("cpu"))
 
 
 def test_play_follows_the_keys(tiny_run, tmp_path):

@@ -72,7 +72,7 @@ class TrainConfig:
                              "instead of training one")
     out: str = opt("out", "output folder: checkpoints, metrics.json, rollout.gif, train.log")
     resume: bool = opt(False, "continue the run in --out from its checkpoints")
-    seed: int = opt(0, "random seed (data, initialisation, noise)")
+    seed: int = opt(0, "random seed (data, initialisation, noise)", AT_LEAST_0)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = opt(True, "torch.compile the training step (CUDA only)")
     max_iters: int = opt(0, "iterations per stage (0: the preset's)", AT_LEAST_0)
@@ -167,10 +167,22 @@ def parse_args(argv=None):
     return parse_config(TrainConfig, __doc__, argv)
 
 
+def space_of(spec):
+    """An action space as a comparable tuple: (discrete, n_actions, action_dim)."""
+    return tuple(int(spec[k]) for k in ("discrete", "n_actions", "action_dim"))
+
+
 def resolve(cfg, device):
     """Check the names and fill the preset's fields; returns the expected-time note."""
     if cfg.backbone not in BACKBONES:
         raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
+    if cfg.init_from:                                 # the model is the checkpoint's: its frame size, context, widths
+        for k, v in read_checkpoint(cfg.init_from)["model_args"].items():
+            if getattr(cfg, k, None) not in (None, v):
+                raise UserError(f"--{k} {getattr(cfg, k)} but --init_from {cfg.init_from} was trained with {v}: drop "
+                                f"--{k} (the --data frames are resized to the model's), or start from scratch")
+            if hasattr(cfg, k):
+                setattr(cfg, k, v)
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
         if not os.path.isdir(cfg.data):
             raise UserError(f"--data {cfg.data}: not a folder; pass the folder of .npz shards and meta.json "
@@ -180,14 +192,20 @@ def resolve(cfg, device):
             raise UserError(f"--env {cfg.env} but --data {cfg.data} was recorded in {meta['env']}: drop --env")
         if meta.get("env"):                                                    # the control measure replays it
             try:
-                make_env(meta["env"])
+                spec = make_env(meta["env"]).spec
             except UserError as e:
                 raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its env cannot be made here ({e}): fix it, "
                                 f"or remove the key (then control is measured by shuffled actions only)") from None
+            if meta.get("spec") and space_of(meta["spec"]) != space_of(spec):
+                raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its spec {meta['spec']} is not the action space "
+                                f"of its env {meta['env']} ({ {k: spec[k] for k in ('discrete', 'n_actions', 'action_dim')} }): "
+                                f"fix the spec, or the env")
         cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
         cfg.frame_skip = cfg.frame_skip or meta.get("frame_skip") or 0    # as recorded (the control measure replays it)
     else:                                             # 0: the game's own frame skip, stored as the number it is
         cfg.frame_skip = make_env(cfg.env, frame_skip=cfg.frame_skip).frame_skip
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UserError(f"--out {cfg.out} is a file: pass a folder (it holds the checkpoints, metrics and log)")
     if cfg.adapter not in ADAPTERS:
         raise UserError(f"unknown adapter '{cfg.adapter}': choose one of {', '.join(ADAPTERS)}")
     if cfg.stage not in ("pretrain", "finetune", "scratch", "all"):
@@ -205,14 +223,15 @@ def resolve(cfg, device):
         raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
     if cfg.clip_len < 2:
         raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
-    if cfg.width % cfg.heads and not cfg.init_from:                  # (--init_from: the checkpoint's model)
+    if cfg.width % cfg.heads:
         raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
-    if cfg.backbone == "dit" and cfg.size % cfg.patch and not cfg.init_from:
+    if cfg.backbone == "dit" and cfg.size % cfg.patch:
         raise UserError(f"--size {cfg.size} is not a multiple of --patch {cfg.patch}: patches tile the frame")
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
-    return preset["expect"]
+    changed = [k for k in preset if k != "expect" and getattr(cfg, k) != preset[k]]
+    return preset["expect"] + (f" at its defaults; changed here: --{', --'.join(changed)}" if changed else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +294,9 @@ def evaluate(model, cfg, data, device):
     if isinstance(model.backbone, VideoGPT):
         tok = model.backbone.tokenizer
         m["tokenizer_psnr"] = psnr(tok.decode(tok.encode(true)), true).mean().item()
-    if env is not None and env.restorable:
+    if env is not None and env.restorable and model.spec is not None and space_of(model.spec) != space_of(env.spec):
+        m["control"] = f"not measured: the model takes no actions of {cfg.env} (it was trained on frames only)"
+    elif env is not None and env.restorable:
         m.update(control_eval(model, cfg, k, device))
     else:
         m["control"] = "no simulator to restore: psnr - psnr_shuffled (the shuffled-actions gap) measures control"
@@ -729,6 +750,10 @@ def plan_stages(cfg):
     stages = {"all": ["pretrain", "finetune"], "scratch": ["scratch"], "pretrain": ["pretrain"],
               "finetune": ["finetune"]}[cfg.stage]
     tok_from = read_checkpoint(cfg.tokenizer) if cfg.tokenizer else None
+    if tok_from is not None:
+        if cfg.backbone != "ar":
+            raise UserError(f"--tokenizer is for --backbone ar (the DiT reads pixels): drop it, or pass --backbone ar")
+        tokenizer_weights(tok_from, cfg.tokenizer)                            # (a checkpoint that holds one?)
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     if cfg.backbone == "ar" and tok_from is None and init is None and stages[0] != "finetune":
         stages = ["tokenizer"] + stages
@@ -745,6 +770,14 @@ def plan_stages(cfg):
         raise UserError(f"{clash[0]} already exists: pass --resume to continue that run, or choose another --out")
     if cfg.resume and not clash:
         print(f"note: --resume found no checkpoint in {cfg.out}: starting the run from the beginning")
+    for i, stage in enumerate(stages if cfg.resume else []):                # every mismatch before any work
+        if os.path.exists(files[stage]):
+            prev = same_run(cfg, files[stage])
+            later = [files[s] for s in stages[i + 1:] if os.path.exists(files[s])]
+            if prev["step"] < stage_iters(cfg, stage) and later:
+                raise UserError(f"{files[stage]} ended at step {prev['step']} and {later[0]} was built on it: "
+                                f"training {stage} to {stage_iters(cfg, stage)} steps would not reach it; pass the "
+                                f"run's own iterations, or start another --out from it (--init_from)")
     if stages == ["finetune"] and init is None:
         pre = os.path.join(cfg.out, "pretrain.pt")
         if not os.path.exists(pre):
@@ -763,7 +796,7 @@ def describe(cfg, init, tok_from):
     if init is not None:
         margs = init["model_args"]
     dcfg = DataConfig(env=cfg.env, size=margs["size"], episode_len=cfg.episode_len, n_free=cfg.n_free,
-                      n_labelled=cfg.n_labelled, frame_skip=cfg.frame_skip, seed=cfg.seed, data_dir=cfg.data_dir,
+                      n_labelled=cfg.n_labelled, frame_skip=cfg.frame_skip, seed=cfg.seed, data_dir=os.path.abspath(cfg.data_dir),
                       folder=os.path.abspath(cfg.data) if cfg.data else "",
                       free_folder=os.path.abspath(cfg.pretrain_data) if cfg.pretrain_data else "")
     return dict(backbone=cfg.backbone, model_args=margs, spec=spec, data=asdict(dcfg))
@@ -783,14 +816,24 @@ def action_spec(cfg):
     return dict(spec, keys=spec.get("keys") or keys_for(spec["n_actions"], None, spec["action_dim"]))
 
 
-def resumable(cfg, path, desc):
-    """This stage's own checkpoint when --resume finds one, checked against the flags."""
-    if not (cfg.resume and os.path.exists(path)):
-        return None
+def stage_iters(cfg, stage):
+    return cfg.tokenizer_iters if stage == "tokenizer" else cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
+
+
+def same_run(cfg, path):
+    """The checkpoint at path, if it is of this backbone and environment (else a UserError)."""
     prev = read_checkpoint(path)
     if prev["backbone"] != cfg.backbone or prev["data"]["env"] != cfg.env:
         raise UserError(f"{path} is a '{prev['backbone']}' run on '{prev['data']['env']}', not '{cfg.backbone}' on "
                         f"'{cfg.env}': pass the same --backbone and --env, or another --out")
+    return prev
+
+
+def resumable(cfg, path, desc):
+    """This stage's own checkpoint when --resume finds one, checked against the flags."""
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    prev = same_run(cfg, path)
     mine, theirs = desc["model_args"], prev.get("model_args", {})
     if changed := [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and mine[k] != theirs[k]]:
         raise UserError(f"{path} was trained with another model: {', '.join(changed)}: pass the run's own flags, "
@@ -803,7 +846,7 @@ def run_stages(cfg, stages, files, desc, init, tok, device, amp, dist, log):
     Returns the last stage's checkpoint."""
     for stage in stages:
         prev = resumable(cfg, files[stage], desc)
-        iters = cfg.tokenizer_iters if stage == "tokenizer" else cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
+        iters = stage_iters(cfg, stage)
         if prev is not None and prev["step"] >= iters and (stage != "tokenizer" or "tokenizer_psnr" in prev):
             log(f"resume: {stage} already finished in {files[stage]}, reusing it")
             ck = prev
@@ -813,6 +856,10 @@ def run_stages(cfg, stages, files, desc, init, tok, device, amp, dist, log):
             ck = ck or read_checkpoint(files[stage])
         else:
             desc = {k: prev[k] for k in desc} if prev is not None else desc
+            if prev is not None and prev.get("iters", iters) != iters:
+                log(f"note: {stage} was planned for {prev['iters']} iterations and continues to {iters}; the learning "
+                    f"rate follows the new schedule from step {prev['step']} ({lr_at(prev['step'] - 1, cfg, prev['iters']):.2e}"
+                    f" -> {lr_at(prev['step'], cfg, iters):.2e})")
             trainer = StageTrainer(stage, cfg, desc, device, amp, dist, init=init, resume=prev, tokenizer=tok)
             ck = train_loop(trainer.job(files[stage], log), cfg, dist, log)
         if stage == "tokenizer":
@@ -831,7 +878,7 @@ def summary(m):
                  f"{m['pos_err_copy_last']:.2f}, missing {m['pos_missing']:.1%})")
     if "control_psnr" in m:
         line += (f" | control_psnr {m['control_psnr']:.2f} dB, other actions {m['control_psnr_wrong']:.2f} (gap "
-                 f"{m['control_psnr'] - m['control_psnr_wrong']:.2f}) on {m['control_pixels']:.1%} of the pixels")
+                 f"{round(m['control_psnr'] - m['control_psnr_wrong'], 2) + 0.0:.2f}) on {m['control_pixels']:.1%} of the pixels")
     else:
         line += f" | {m['control']}"
     return line + f" | {m['clips']} clips from {m['episodes']} held-out episodes"
