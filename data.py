@@ -221,13 +221,13 @@ def check_shard(f, arrays, spec, labelled):
     ok = a.shape == want and (a.dtype.kind in "iu" if spec["discrete"] else a.dtype.kind == "f")
     if ok and a.size:
         ok = (a.min() >= 0 and a.max() < spec["n_actions"]) if spec["discrete"] else bool(np.isfinite(a).all() and
-                                                                                        np.abs(a).max() <= 1)
+                                                                                        np.abs(a).max() <= 1 + 1e-5)
     if not ok:
         kind = f"integer ids in [0, {spec['n_actions']})" if spec["discrete"] else f"floats in [-1, 1]"
         seen = f" in [{a.min()}, {a.max()}]" if a.size and a.dtype.kind in "iuf" else ""
         raise UserError(f"{f}: actions are {a.dtype} {a.shape}{seen}; this folder's meta.json says {want} {kind}: fix "
                         f"the actions or the spec in meta.json")
-    out["actions"] = a.astype(np.int64) if spec["discrete"] else a.astype(np.float32)
+    out["actions"] = a.astype(np.int64) if spec["discrete"] else np.clip(a.astype(np.float32), -1, 1)   # (rounding)
     for key, dtype in (("rewards", np.float32), ("ends", bool)):
         v = np.asarray(arrays.get(key, np.zeros((E, L))))
         if v.shape != (E, L) or v.dtype.kind not in "biuf" or not np.isfinite(v.astype(np.float64)).all():
