@@ -1202,6 +1202,7 @@ def test_games_train_roll_out_and_measure_control(tmp_path, name, backbone):
     m = json.load(open(tmp_path / "o" / "metrics.json"))
     assert {"control_psnr", "control_psnr_wrong", "control_pixels"} <= set(m) and "pos_err" not in m
     assert 0 < m["control_pixels"] < 1 and np.isfinite(m["control_psnr"])
+    assert len(m["control_gap_by_step"]) == 10 and all(g is None or np.isfinite(g) for g in m["control_gap_by_step"])
     from sample import load_model
     model, ck = load_model(str(tmp_path / "o" / "ckpt.pt"))
     acts = torch.zeros((2, 4), dtype=torch.long) if ck["spec"]["discrete"] else torch.zeros(2, 4, ck["spec"]["action_dim"])
@@ -1227,6 +1228,7 @@ def test_a_model_blind_to_actions_scores_the_same_under_other_actions():
     c = control_eval(m, cfg, 1, torch.device("cpu"))
     assert c["control_clips"] > 0 and 0 < c["control_pixels"] < 0.5
     assert c["control_psnr"] == pytest.approx(c["control_psnr_wrong"], abs=1e-4)
+    assert len(c["control_gap_by_step"]) == 3 and all(g is None or abs(g) < 1e-4 for g in c["control_gap_by_step"])
 
 
 def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):

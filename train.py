@@ -357,6 +357,7 @@ def control_eval(model, cfg, k, device):
         control_psnr        PSNR on those pixels, the model under A against the truth under A, and A' against A'
         control_psnr_wrong  the same pixels, the model under A' against the truth under A, and A against A'
         control_pixels      the mean fraction of pixels the actions decide
+        control_gap_by_step the gap at each rolled-out frame alone: where along the horizon control is kept or lost
     A model that ignores actions scores the same on both; the gap is control."""
     ctx, ctx_a, A, A_other, truth_A, truth_B = counterfactuals(cfg, k, cfg.eval_clips)
     if len(ctx) == 0:
@@ -372,10 +373,15 @@ def control_eval(model, cfg, k, device):
     if not some.any():
         return dict(control=f"not measured: the actions changed no pixel in {cfg.horizon} steps from any of {len(ctx)} "
                             f"start states; raise --horizon", control_pixels=0.0, control_clips=0)
-    right = (masked_psnr(pred_A, tA, mask) + masked_psnr(pred_B, tB, mask)) / 2
-    wrong = (masked_psnr(pred_B, tA, mask) + masked_psnr(pred_A, tB, mask)) / 2
-    return dict(control_psnr=right[some].mean().item(), control_psnr_wrong=wrong[some].mean().item(),
-                control_pixels=mask.mean().item(), control_clips=int(some.sum()))
+    def gap(h):                                       # frames h (a slice), over the clips where the actions decide any
+        right = (masked_psnr(pred_A[:, h], tA[:, h], mask[:, h]) + masked_psnr(pred_B[:, h], tB[:, h], mask[:, h])) / 2
+        wrong = (masked_psnr(pred_B[:, h], tA[:, h], mask[:, h]) + masked_psnr(pred_A[:, h], tB[:, h], mask[:, h])) / 2
+        some = mask[:, h].flatten(1).sum(1) > 0
+        return (right[some].mean().item(), wrong[some].mean().item()) if some.any() else (None, None)
+    right, wrong = gap(slice(None))
+    steps = [gap(slice(h, h + 1)) for h in range(mask.shape[1])]
+    return dict(control_psnr=right, control_psnr_wrong=wrong, control_pixels=mask.mean().item(), control_clips=int(some.sum()),
+                control_gap_by_step=[None if r is None else round(r - w, 3) for r, w in steps])   # None: no pixel decided
 
 
 def sampling(cfg):
@@ -881,7 +887,10 @@ def summary(m):
                  f"{round(m['control_psnr'] - m['control_psnr_wrong'], 2) + 0.0:.2f}) on {m['control_pixels']:.1%} of the pixels")
     else:
         line += f" | {m['control']}"
-    return line + f" | {m['clips']} clips from {m['episodes']} held-out episodes"
+    line += f" | {m['clips']} clips from {m['episodes']} held-out episodes"
+    if m.get("control_gap_by_step"):
+        line += "\ncontrol gap frame by frame (dB): " + " ".join("-" if g is None else f"{g:.2f}" for g in m["control_gap_by_step"])
+    return line
 
 
 def report(ck, cfg, device, why, stages, t0, log):
