@@ -18,7 +18,7 @@ from envs import UserError, WORLDS, keys_for, locate_agent, make_env
 from data import DataConfig, generate_episodes, play_episodes
 from model import ARConfig, DiT, DiTConfig, VideoGPT, pick_device
 from adapter import WorldModel
-from loss import LOSSES, flow_matching_loss, motion_weights
+from loss import LOSSES, flow_matching_loss, flow_matching_noise, motion_weights
 from sample import read_checkpoint, rollout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -369,6 +369,20 @@ def test_motion_weights_uniform_without_motion_and_peaked_where_pixels_change():
     assert torch.allclose(w[:, 2], torch.ones_like(w[:, 2]))            # every cell moved: no reweighting
 
 
+def test_training_clips_denoise_the_next_frame_unless_told_more():
+    """By default every clip keeps all but its last frame clean (next-frame prediction, what rollouts ask);
+    denoise_frames n noises the last 1..n frames, each at its own level."""
+    g = lambda: torch.Generator().manual_seed(0)
+    tau = flow_matching_noise((256, 4, 3, 16, 16), "cpu", g())["tau"]
+    assert (tau[:, :3] == 0).all() and (tau[:, 3] > 0).all()
+    tau = flow_matching_noise((256, 4, 3, 16, 16), "cpu", g(), denoise_frames=2)["tau"]
+    noised = (tau > 0).sum(1)
+    assert set(noised.tolist()) == {1, 2} and (tau[:, :2] == 0).all()
+    assert not torch.equal(tau[noised == 2, 2], tau[noised == 2, 3])            # independent levels
+    many = flow_matching_noise((256, 4, 3, 16, 16), "cpu", g(), denoise_frames=9)["tau"]
+    assert set((many > 0).sum(1).tolist()) == {1, 2, 3}                         # one clean frame kept at least
+
+
 def test_sampler_recovers_a_known_answer():
     """Data: one of two fixed frames a, b, equally likely. The exact clean-frame predictor is the posterior mean
     E[x0 | x_t] (a Gaussian likelihood N(x_t; (1 - t) x0, t^2)); integrating its velocity must land on a or b."""
@@ -717,7 +731,9 @@ def test_flags_are_checked_before_any_work(tmp_path):
                         (["--max_iters", "-5"], "0 or more"), (["--seed", "-1"], "--seed -1: must be 0 or more")):
         with pytest.raises(UserError, match=re.escape(match)):
             train.parse_args(argv)
-    for argv, match in ((["--heads", "3"], "multiple of --heads 3"), (["--patch", "5"], "multiple of --patch 5")):
+    for argv, match in ((["--heads", "3"], "multiple of --heads 3"), (["--patch", "5"], "multiple of --patch 5"),
+                        (["--denoise_frames", "2"], "below --clip_len 2"),
+                        (["--backbone", "ar", "--clip_len", "4", "--denoise_frames", "2"], "dit only")):
         with pytest.raises(UserError, match=match):
             train.resolve(train.parse_args(argv), torch.device("cpu"))
     for argv, match in ((["--gamma", "2"], "between 0 and 1"), (["--horizon", "0"], "--horizon 0"),

@@ -88,6 +88,9 @@ class TrainConfig:
     depth: int = opt(None, "transformer blocks", AT_LEAST_1)
     heads: int = opt(None, "attention heads", AT_LEAST_1)
     clip_len: int = opt(None, "frames per training clip (context + denoised)", AT_LEAST_2)
+    denoise_frames: int = opt(1, "dit: frames each training clip denoises after its clean context (loss.py): 1, the next "
+                                 "frame, what frame-by-frame rollouts ask; n > 1 also teaches n frames at once, at a cost "
+                                 "in control (README: Real games)", AT_LEAST_1)
     batch_size: int = opt(None, "clips per batch", AT_LEAST_1)
     lr: float = opt(None, "peak learning rate", ABOVE_0)
     pretrain_iters: int = opt(None, "iterations of the pretrain stage", AT_LEAST_0)
@@ -221,6 +224,9 @@ def resolve(cfg, device):
             setattr(cfg, k, v)
     if cfg.distance not in ("mse", "l1") or (cfg.backbone == "ar" and cfg.distance != "mse"):
         raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
+    if cfg.denoise_frames > 1 and (cfg.backbone != "dit" or cfg.denoise_frames >= cfg.clip_len):
+        raise UserError(f"--denoise_frames {cfg.denoise_frames}: dit only, and below --clip_len {cfg.clip_len} (a clip "
+                        f"keeps one clean context frame at least)")
     if cfg.clip_len < 2:
         raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
     if cfg.width % cfg.heads:
@@ -397,8 +403,8 @@ class Dist:
     """This process's place in a `torchrun` job (DDP: nccl on CUDA, gloo on the CPU); a plain run is a job of one.
     Every process draws the same global batch and the same noise and trains on its own rows of them, so the
     averaged gradient is the one a single process would compute on the whole batch: exactly for the GPT, and for the DiT
-    on 2-frame clips (the tiny preset); on longer clips each process divides its DiT loss by its own count of denoised
-    frames, so frames are weighted slightly differently from a single process's mean over the whole batch."""
+    at --denoise_frames 1 (one denoised frame per clip); with more, each process divides its DiT loss by its own count
+    of denoised frames, so frames are weighted slightly differently from a single process's mean over the whole batch."""
 
     def __init__(self, device_name, alone=False):
         env = {} if alone else os.environ
@@ -643,7 +649,7 @@ class StageTrainer:
         for group in self.optim.param_groups:
             group["lr"] = lr_at(i, cfg, self.iters)
         batch = self.sampler.sample(cfg.batch_size)                     # the global batch, the same in every process
-        noise = NOISE[kind](batch["frames"].shape, self.device, self.g)
+        noise = NOISE[kind](batch["frames"].shape, self.device, self.g, cfg.denoise_frames)
         noise = noise and {k: v[self.part] for k, v in noise.items()}
         x = batch["frames"][self.part].to(self.device, non_blocking=True)
         a = batch["actions"][self.part].to(self.device) if self.model.adapter is not None else None
