@@ -175,6 +175,21 @@ def space_of(spec):
     return tuple(int(spec[k]) for k in ("discrete", "n_actions", "action_dim"))
 
 
+def check_model_flags(cfg):
+    """The preset-filled model and loss flags, checked together: a one-line UserError for any that cannot work."""
+    if cfg.distance not in ("mse", "l1") or (cfg.backbone == "ar" and cfg.distance != "mse"):
+        raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
+    if cfg.denoise_frames > 1 and (cfg.backbone != "dit" or cfg.denoise_frames >= cfg.clip_len):
+        raise UserError(f"--denoise_frames {cfg.denoise_frames}: dit only, and below --clip_len {cfg.clip_len} (a clip "
+                        f"keeps one clean context frame at least)")
+    if cfg.clip_len < 2:
+        raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
+    if cfg.width % cfg.heads:
+        raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
+    if cfg.backbone == "dit" and cfg.size % cfg.patch:
+        raise UserError(f"--size {cfg.size} is not a multiple of --patch {cfg.patch}: patches tile the frame")
+
+
 def resolve(cfg, device):
     """Check the names and fill the preset's fields; returns the expected-time note."""
     if cfg.backbone not in BACKBONES:
@@ -222,17 +237,7 @@ def resolve(cfg, device):
     for k, v in preset.items():
         if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    if cfg.distance not in ("mse", "l1") or (cfg.backbone == "ar" and cfg.distance != "mse"):
-        raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
-    if cfg.denoise_frames > 1 and (cfg.backbone != "dit" or cfg.denoise_frames >= cfg.clip_len):
-        raise UserError(f"--denoise_frames {cfg.denoise_frames}: dit only, and below --clip_len {cfg.clip_len} (a clip "
-                        f"keeps one clean context frame at least)")
-    if cfg.clip_len < 2:
-        raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
-    if cfg.width % cfg.heads:
-        raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
-    if cfg.backbone == "dit" and cfg.size % cfg.patch:
-        raise UserError(f"--size {cfg.size} is not a multiple of --patch {cfg.patch}: patches tile the frame")
+    check_model_flags(cfg)
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
