@@ -81,7 +81,8 @@ def make_train_step(kind, preset, device, amp, clip_len=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    flops = 3 * forward_flops(bb, T) * B + (tokenizer_flops(bb.tokenizer, B * T * bb.n_tok) if kind == "ar" else 0)
+    flops = 3 * B * (forward_flops(bb, T) + tokenizer_flops(bb.tokenizer, T * bb.n_tok) if kind == "ar"
+                     else forward_flops(bb, T, last=1))               # (the loss predicts the last frame only)
     return step, B * T, B * T * bb.n_tok, flops
 
 

@@ -66,12 +66,14 @@ def flow_matching_noise(frames_shape, device, generator, denoise_frames=1):
     """The randomness of one flow-matching batch, drawn apart from the loss so that a batch split over processes
     (torchrun) uses the very draws the whole batch would: per-frame noise levels tau (B, T), a clean prefix of k frames,
     k drawn from T-n..T-1 (n = denoise_frames, at most T-1), followed by independent U(0, 1) levels, and the noise
-    eps (B, T, C, H, W)."""
+    eps (B, T, C, H, W); `clean` (an int, known without reading the draws back from a GPU): the frames before it are
+    clean in every clip."""
     B, T = frames_shape[:2]
-    k = torch.randint(max(T - denoise_frames, 1), T, (B, 1), device=device, generator=generator)
+    clean = max(T - denoise_frames, 1)
+    k = torch.randint(clean, T, (B, 1), device=device, generator=generator)
     t = torch.rand(B, T, device=device, generator=generator)
     tau = torch.where(torch.arange(T, device=device) < k, torch.zeros_like(t), t)
-    return dict(tau=tau, eps=torch.randn(frames_shape, device=device, generator=generator))
+    return dict(tau=tau, eps=torch.randn(frames_shape, device=device, generator=generator), clean=clean)
 
 
 def flow_matching_loss(model, frames, actions=None, motion_c=0.0, motion_temp=0.05, cell=4, noise=None, generator=None,
@@ -86,13 +88,14 @@ def flow_matching_loss(model, frames, actions=None, motion_c=0.0, motion_temp=0.
     tau = noise["tau"]
     t = tau[:, :, None, None, None]
     x_t = (1 - t) * frames + t * noise["eps"]
-    x0_hat = model(x_t, tau, actions=actions).float()
-    err = x0_hat - frames
-    per = (err.abs() if distance == "l1" else err.pow(2)).mean(2)              # (B, T, H, W); mse: t^2 |v_hat - v|^2
-    per = F.avg_pool2d(per, cell)                                              # (B, T, H/cell, W/cell) on the grid
-    w = motion_weights(frames, cell, motion_c, motion_temp) if motion_c > 0 else torch.ones_like(per)
-    per_frame = (per * w).mean((2, 3))                                         # (B, T)
-    denoised = (tau > 0).float()
+    first = noise["clean"]                                                     # frames before it are clean in every clip:
+    x0_hat = model(x_t, tau, actions=actions, last=frames.shape[1] - first).float()   # never scored, so never predicted
+    err = x0_hat - frames[:, first:]
+    per = (err.abs() if distance == "l1" else err.pow(2)).mean(2)              # (B, T', H, W); mse: t^2 |v_hat - v|^2
+    per = F.avg_pool2d(per, cell)                                              # (B, T', H/cell, W/cell) on the grid
+    w = motion_weights(frames, cell, motion_c, motion_temp)[:, first:] if motion_c > 0 else torch.ones_like(per)
+    per_frame = (per * w).mean((2, 3))                                         # (B, T')
+    denoised = (tau[:, first:] > 0).float()
     return (per_frame * denoised).sum() / denoised.sum()
 
 

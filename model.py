@@ -141,11 +141,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, mask, past=None, keep=None):
-        """x (B, L, D); mask (L, L_past + L) bool, True = may attend; past: this layer's KV cache (a dict): its keys and
-        values come first, and the first `keep` new ones (None: all) are appended to it in place."""
+    def forward(self, x, mask, past=None, keep=None, q_from=0):
+        """x (B, L, D); mask (L - q_from, L_past + L) bool, True = may attend; past: this layer's KV cache (a dict): its
+        keys and values come first, and the first `keep` new ones (None: all) are appended to it in place. Only the
+        tokens from q_from on ask (queries) and get an output, (B, L - q_from, D); every token is a key and value."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, D/h)
+        q = q[:, :, q_from:]
         if past is not None:
             if "k" in past:
                 k, v = torch.cat([past["k"], k], 2), torch.cat([past["v"], v], 2)
@@ -153,7 +155,7 @@ class Attention(nn.Module):
                 n = k.shape[2] - L + (L if keep is None else keep)
                 past["k"], past["v"] = k[:, :, :n], v[:, :, :n]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.proj(y.transpose(1, 2).reshape(B, L - q_from, D))
 
 
 def mlp(width, ratio):
@@ -189,10 +191,12 @@ class DiTBlock(nn.Module):
         self.ada = nn.Linear(width, 6 * width)
         nn.init.zeros_(self.ada.weight); nn.init.zeros_(self.ada.bias)  # adaLN-Zero: the block starts as the identity
 
-    def forward(self, x, c, frames, mask, past=None, keep=None):
-        # x (B, L, D); c (B, T, D) each frame's noise-level embedding; frames (L,) each token's frame; past, keep: Attention
-        sh1, sc1, g1, sh2, sc2, g2 = per_token(self.ada(F.silu(c)), frames).chunk(6, -1)   # 6 x (B, L, D)
-        x = x + g1 * self.attn(self.attn_norm(x) * (1 + sc1) + sh1, mask, past, keep)
+    def forward(self, x, c, frames, mask, past=None, keep=None, q_from=0):
+        # x (B, L, D); c (B, T, D) each frame's noise-level embedding; frames (L,) each token's frame; past, keep,
+        # q_from: Attention (the tokens before q_from are keys and values only) -> (B, L - q_from, D)
+        sh1, sc1, *rest = per_token(self.ada(F.silu(c)), frames).chunk(6, -1)   # 6 x (B, L, D)
+        g1, sh2, sc2, g2 = (r[:, q_from:] for r in rest)
+        x = x[:, q_from:] + g1 * self.attn(self.attn_norm(x) * (1 + sc1) + sh1, mask, past, keep, q_from)
         return x + g2 * self.ffn(self.ffn_norm(x) * (1 + sc2) + sh2)
 
 
@@ -228,19 +232,26 @@ class DiT(nn.Module):
     def new_cache(self):
         return dict(frames=0, layers=[{} for _ in self.blocks])
 
-    def forward(self, x, tau, cache=None, keep=None):
+    def forward(self, x, tau, cache=None, keep=None, last=None):
         """x (B, T, C, S, S) noisy frames in [-1, 1]; tau (B, T) their noise levels -> clean frames (B, T, C, S, S).
 
         With a cache (new_cache()), the frames before cache["frames"] are not recomputed: their keys and values come
         from the cache, and only the later frames are computed and returned, (B, T - cache["frames"], C, S, S).
         Of those, the first `keep` frames (None: all) add their keys and values to the cache: the clean context frames,
         computed once, not the frames being denoised, which change at every Euler step. Attention is causal across
-        frames, so a frame's keys and values never depend on the frames after it: the cache changes no output."""
+        frames, so a frame's keys and values never depend on the frames after it: the cache changes no output.
+
+        With `last` (None: all), only the last `last` frames are predicted and returned: in the final block the earlier
+        frames are keys and values only, so a loss that scores the newest frames (loss.py) and a sampler that wants
+        its new frames skip their feed-forward work there (no output changes)."""
         B, T, C, S, _ = x.shape
         if T > self.cfg.clip_len or S != self.cfg.size or C != self.cfg.channels:
             raise ValueError(f"DiT expects clips (B, <={self.cfg.clip_len}, {self.cfg.channels}, {self.cfg.size}, "
                              f"{self.cfg.size}); got {tuple(x.shape)}")
         f0, N = (cache["frames"] if cache is not None else 0), self.n_tok
+        n_out = T - f0 if last is None else last                            # the frames returned
+        if not 1 <= n_out <= T - f0:
+            raise ValueError(f"last={last}: the DiT computes {T - f0} frames here, so ask for 1 to {T - f0} of them")
         frames = torch.arange(f0, T, device=x.device).repeat_interleave(N)  # (L,) the computed tokens' frames
         self.token_frames = frames                                           # set first: hooks on embed read it
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)[:, f0:]  # frame i-1 beside frame i
@@ -249,12 +260,15 @@ class DiT(nn.Module):
         c = self.t_embed(timestep_embedding(tau, self.cfg.width))            # (B, T, D)
         keys = torch.arange(T, device=x.device).repeat_interleave(N)         # (T N,) the frame of every key
         mask = frames[:, None] >= keys[None, :]                              # (L, T N) causal across frames
-        for blk, past in zip(self.blocks, cache["layers"] if cache is not None else [None] * len(self.blocks)):
-            h = blk(h, c, frames, mask, past, None if keep is None else keep * N)
+        pasts = cache["layers"] if cache is not None else [None] * len(self.blocks)
+        q_from = [0] * (len(self.blocks) - 1) + [(T - f0 - n_out) * N]        # the final block asks for the outputs only
+        for blk, past, q in zip(self.blocks, pasts, q_from):
+            self.token_frames = frames[q:]                                   # the tokens the block's hooks see outputs of
+            h = blk(h, c, frames, mask[q:], past, None if keep is None else keep * N, q)
         if cache is not None:
             cache["frames"] = T if keep is None else f0 + keep
-        sh, sc = per_token(self.out_ada(F.silu(c)), frames).chunk(2, -1)
-        return prev + self.unpatchify(self.out(self.out_norm(h) * (1 + sc) + sh), T - f0)
+        sh, sc = per_token(self.out_ada(F.silu(c)), self.token_frames).chunk(2, -1)
+        return prev[:, -n_out:] + self.unpatchify(self.out(self.out_norm(h) * (1 + sc) + sh), n_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,23 +483,27 @@ class VideoGPT(nn.Module):
 BACKBONES = {"dit": (DiT, DiTConfig), "ar": (VideoGPT, ARConfig)}
 
 
-def block_flops(D, ratio, L, L_keys):
-    """Forward FLOPs (2 per multiply-add) of one transformer block's token work: L tokens, each attending over
-    L_keys keys. qkv 3D^2, output projection D^2, feed-forward 2 ratio D^2 per token; scores and weighted sum
-    2 L_keys D each. Attention is counted over every key the masked kernel computes, attended or not."""
-    return 2 * L * (4 * D * D + 2 * ratio * D * D) + 4 * L * L_keys * D
+def block_flops(D, ratio, L, L_keys, L_q=None):
+    """Forward FLOPs (2 per multiply-add) of one transformer block's token work: L tokens, the last L_q of them
+    (None: all) asking, each over L_keys keys. qkv 3D^2 per token; output projection D^2, feed-forward 2 ratio D^2
+    per asking token; scores and weighted sum 2 L_keys D each. Attention is counted over every key the masked
+    kernel computes, attended or not."""
+    L_q = L if L_q is None else L_q
+    return 2 * L * 3 * D * D + 2 * L_q * (D * D + 2 * ratio * D * D) + 4 * L_q * L_keys * D
 
 
-def forward_flops(backbone, T):
+def forward_flops(backbone, T, last=None):
     """Forward FLOPs of a backbone on one clip of T frames, counted from its config: what runs, per token and per
-    frame (test_all checks it against torch.utils.flop_counter). Training costs 3x this (forward + backward)."""
-    c, D, L = backbone.cfg, backbone.cfg.width, T * backbone.n_tok
-    blocks = c.depth * block_flops(D, c.mlp_ratio, L, L)
+    frame (test_all checks it against torch.utils.flop_counter). last: the DiT predicts only the last `last`
+    frames (DiT.forward). Training costs 3x this (forward + backward)."""
+    c, D, N = backbone.cfg, backbone.cfg.width, backbone.n_tok
+    L, L_out = T * N, (T if last is None else last) * N
+    blocks = (c.depth - 1) * block_flops(D, c.mlp_ratio, L, L) + block_flops(D, c.mlp_ratio, L, L, L_out)
     if isinstance(backbone, DiT):
         k = c.patch + 2 * c.margin
         embed = 2 * L * (2 * c.channels * k * k) * D                          # the causal space-time patch convolution
         per_frame = T * (2 * 2 * D * D + c.depth * 2 * D * 6 * D + 2 * D * 2 * D)   # t_embed, adaLN per block, out_ada
-        return embed + blocks + per_frame + 2 * L * D * c.channels * c.patch ** 2
+        return embed + blocks + per_frame + 2 * L_out * D * c.channels * c.patch ** 2
     return blocks + 2 * L * D * c.codes                                         # the GPT: token tables are lookups
 
 

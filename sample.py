@@ -49,7 +49,7 @@ def denoise(model, history, actions, n_new, steps=4, generator=None, share=1, us
     use_cache = use_cache and (steps > 1 or Bh < B)      # one step over one history each: the cache saves nothing
     cache = model.backbone.new_cache() if use_cache else None
     if use_cache and Bh < B:                             # a shared history: computed once, its keys copied to each row
-        model(history, torch.zeros(Bh, h, device=x.device), cache=cache, actions=actions[::B // Bh, :h])
+        model(history, torch.zeros(Bh, h, device=x.device), cache=cache, last=1, actions=actions[::B // Bh, :h])
         for layer in cache["layers"]:
             layer.update({k: v.repeat_interleave(B // Bh, 0) for k, v in layer.items()})
     history = history.repeat_interleave(B // Bh, 0)
@@ -57,7 +57,7 @@ def denoise(model, history, actions, n_new, steps=4, generator=None, share=1, us
     for i in range(steps):
         tau = torch.cat([torch.zeros(B, h, device=x.device), torch.full((B, n_new), float(ts[i]), device=x.device)], 1)
         keep = h if use_cache and cache["frames"] == 0 else 0          # the first step computes the history: keep it
-        x0_hat = model(torch.cat([history, x], 1), tau, cache=cache, keep=keep, actions=actions)[:, -n_new:].float()
+        x0_hat = model(torch.cat([history, x], 1), tau, cache=cache, keep=keep, last=n_new, actions=actions).float()
         x = x + (ts[i + 1] - ts[i]) * (x - x0_hat) / ts[i]
     return x.clamp(-1, 1)
 

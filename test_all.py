@@ -270,6 +270,39 @@ def test_dit_context_cache_gives_the_frames_of_full_forward_passes(clip_len):
         rollout(m, ctx, actions_for(SPECS["pusher"], 6, 6, seed=2))
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_dit_predicting_only_the_last_frames_changes_no_output(depth):
+    """DiT.forward(last=n) returns the last n frames of the full forward pass (the earlier frames are keys and values
+    only in the final block), with a cache too; the flow-matching loss, which asks only for the frames it scores,
+    equals the loss on the full output; forward_flops counts what runs then."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from model import forward_flops
+    torch.manual_seed(0)
+    m = WorldModel(DiT(replace(SMALL, depth=depth)), "film", SPECS["coin"]).eval()
+    for prm in m.parameters():
+        torch.nn.init.normal_(prm, std=0.05)
+    (x, tau), a = backbone_input("dit"), actions_for(SPECS["coin"], 2, 3)
+    with torch.no_grad():
+        full = m(x, tau, actions=a)
+        for n in (1, 2, 3):
+            assert torch.allclose(m(x, tau, actions=a, last=n), full[:, -n:], atol=1e-6)
+        cache = m.backbone.new_cache()
+        m(x[:, :1], tau[:, :1], cache=cache, actions=a[:, :1])
+        assert torch.allclose(m(x, tau, cache=cache, last=1, actions=a), full[:, -1:], atol=1e-6)
+        noise = flow_matching_noise(x.shape, "cpu", torch.Generator().manual_seed(1), denoise_frames=1)
+        t = noise["tau"][:, :, None, None, None]
+        whole = m((1 - t) * x + t * noise["eps"], noise["tau"], actions=a)[:, -1]
+        assert flow_matching_loss(m, x, a, noise=noise).item() == pytest.approx((whole - x[:, -1]).pow(2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="ask for 1 to 3"):
+        m(x, tau, actions=a, last=4)
+    bb = DiT(replace(SMALL, depth=depth))
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        bb(x[:1], tau[:1], last=1)
+    assert forward_flops(bb, 3, last=1) == pytest.approx(fc.get_total_flops(), rel=1e-6)
+    assert forward_flops(bb, 3, last=1) < forward_flops(bb, 3)
+
+
 def test_tokenizer_round_trip():
     """A few hundred steps on a handful of frames: the codes decode back to the frames (above 20 dB; an untrained
     tokenizer scores about 9 dB), and the codebook is used."""
@@ -393,11 +426,11 @@ def test_sampler_recovers_a_known_answer():
             super().__init__()
             self.backbone, self.spec = DiT(DiTConfig(size=16, patch=4, clip_len=3, width=8, depth=1, heads=1)), None
 
-        def forward(self, x, tau, actions=None, **cache):              # computes every frame: no cache
+        def forward(self, x, tau, actions=None, last=None, **cache):   # computes every frame: no cache
             t = tau[:, :, None, None, None].clamp(min=1e-4)
             la, lb = (-(x - (1 - t) * c).pow(2).sum((2, 3, 4), keepdim=True) / (2 * t ** 2) for c in (a, b))
             wa = torch.sigmoid(la - lb)
-            return wa * a + (1 - wa) * b
+            return (wa * a + (1 - wa) * b)[:, -(last or x.shape[1]):]
 
     for chunk in (1, 2):                                                # frame by frame, and two frames at once
         g = torch.Generator().manual_seed(0)

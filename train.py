@@ -655,7 +655,7 @@ class StageTrainer:
             group["lr"] = lr_at(i, cfg, self.iters)
         batch = self.sampler.sample(cfg.batch_size)                     # the global batch, the same in every process
         noise = NOISE[kind](batch["frames"].shape, self.device, self.g, cfg.denoise_frames)
-        noise = noise and {k: v[self.part] for k, v in noise.items()}
+        noise = noise and {k: v[self.part] if torch.is_tensor(v) else v for k, v in noise.items()}   # this process's share
         x = batch["frames"][self.part].to(self.device, non_blocking=True)
         a = batch["actions"][self.part].to(self.device) if self.model.adapter is not None else None
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -682,7 +682,10 @@ class StageTrainer:
         if self.start:
             log(f"resumed {self.ck['stage']} from {path} at step {self.start}/{self.iters}")
         T, B = b.cfg.clip_len, self.cfg.batch_size
-        flops = 3 * forward_flops(b, T) * B + (tokenizer_flops(b.tokenizer, B * T * b.n_tok) if isinstance(b, VideoGPT) else 0)
+        if isinstance(b, VideoGPT):
+            flops = 3 * forward_flops(b, T) * B + tokenizer_flops(b.tokenizer, B * T * b.n_tok)
+        else:                                         # the frames after the clean prefix (loss.py), as most batches draw it
+            flops = 3 * forward_flops(b, T, last=T - max(T - self.cfg.denoise_frames, 1)) * B
         return Job(self.ck["stage"], path, self.start, self.iters, self.elapsed, self.step, self.state,
                    lambda i: lr_at(i, self.cfg, self.iters), B * T, flops)
 
