@@ -22,7 +22,7 @@ import torch
 from envs import UserError, make_env
 from model import BACKBONES, forward_flops, make_generator, peak_flops, pick_device, seeded, tokenizer_flops
 from adapter import WorldModel
-from loss import LOSSES, NOISE
+from loss import LOSSES, NOISE, clean_prefix
 from sample import rollout
 from train import PRESETS, make_optimizer
 from mbrl import Agent, MBRLConfig, mpc_policy
@@ -81,8 +81,10 @@ def make_train_step(kind, preset, device, amp, clip_len=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    flops = 3 * B * (forward_flops(bb, T) + tokenizer_flops(bb.tokenizer, T * bb.n_tok) if kind == "ar"
-                     else forward_flops(bb, T, last=1))               # (the loss predicts the last frame only)
+    if kind == "ar":                                                  # (the frozen tokenizer runs forward only)
+        flops = 3 * B * forward_flops(bb, T) + tokenizer_flops(bb.tokenizer, B * T * bb.n_tok)
+    else:                                                             # the frames the loss asks for
+        flops = 3 * B * forward_flops(bb, T, last=T - clean_prefix(T))
     return step, B * T, B * T * bb.n_tok, flops
 
 

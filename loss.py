@@ -62,6 +62,12 @@ def motion_weights(frames, cell, c=1.0, temp=0.05, s_max=8.0):
     return w.reshape(B, T, H // cell, W // cell)
 
 
+def clean_prefix(T, denoise_frames=1):
+    """The frames clean in every training clip of T frames that denoises its last 1..denoise_frames (at least one
+    context frame): never scored, so the DiT is not asked to predict them (DiT.forward(last=...))."""
+    return max(T - denoise_frames, 1)
+
+
 def flow_matching_noise(frames_shape, device, generator, denoise_frames=1):
     """The randomness of one flow-matching batch, drawn apart from the loss so that a batch split over processes
     (torchrun) uses the very draws the whole batch would: per-frame noise levels tau (B, T), a clean prefix of k frames,
@@ -69,7 +75,7 @@ def flow_matching_noise(frames_shape, device, generator, denoise_frames=1):
     eps (B, T, C, H, W); `clean` (an int, known without reading the draws back from a GPU): the frames before it are
     clean in every clip."""
     B, T = frames_shape[:2]
-    clean = max(T - denoise_frames, 1)
+    clean = clean_prefix(T, denoise_frames)
     k = torch.randint(clean, T, (B, 1), device=device, generator=generator)
     t = torch.rand(B, T, device=device, generator=generator)
     tau = torch.where(torch.arange(T, device=device) < k, torch.zeros_like(t), t)

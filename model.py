@@ -4,7 +4,9 @@ A backbone maps a clip to a clip and exposes three things that `adapter.py` atta
 
     backbone.embed               the module that turns inputs into tokens      (input-level conditioning)
     backbone.blocks[l].ffn_norm  the norm in front of block l's feed-forward   (the DWS adapter, adapter.py)
-    backbone.token_frames        (L,) long: the frame each of the current L tokens belongs to
+    backbone.token_frames        (L,) long: the frame each of the current L tokens belongs to (in the DiT's
+                                 final block, asked for its last frames only, the tokens it outputs: what a hook
+                                 on or after the attention's output sees)
 
 Two backbones, as different as the paper's (a diffusion model and a token model): the video DiT below, trained by flow matching,
 and the video GPT further down (a per-frame VQ tokenizer and an autoregressive transformer over its codes),
@@ -195,7 +197,7 @@ class DiTBlock(nn.Module):
         # x (B, L, D); c (B, T, D) each frame's noise-level embedding; frames (L,) each token's frame; past, keep,
         # q_from: Attention (the tokens before q_from are keys and values only) -> (B, L - q_from, D)
         sh1, sc1, *rest = per_token(self.ada(F.silu(c)), frames).chunk(6, -1)   # 6 x (B, L, D)
-        g1, sh2, sc2, g2 = (r[:, q_from:] for r in rest)
+        g1, sh2, sc2, g2 = (r[:, q_from:] for r in rest)                          # 4 x (B, L - q_from, D)
         x = x[:, q_from:] + g1 * self.attn(self.attn_norm(x) * (1 + sc1) + sh1, mask, past, keep, q_from)
         return x + g2 * self.ffn(self.ffn_norm(x) * (1 + sc2) + sh2)
 
@@ -267,7 +269,7 @@ class DiT(nn.Module):
             h = blk(h, c, frames, mask[q:], past, None if keep is None else keep * N, q)
         if cache is not None:
             cache["frames"] = T if keep is None else f0 + keep
-        sh, sc = per_token(self.out_ada(F.silu(c)), self.token_frames).chunk(2, -1)
+        sh, sc = per_token(self.out_ada(F.silu(c)), frames[-n_out * N:]).chunk(2, -1)
         return prev[:, -n_out:] + self.unpatchify(self.out(self.out_norm(h) * (1 + sc) + sh), n_out)
 
 
@@ -496,6 +498,8 @@ def forward_flops(backbone, T, last=None):
     """Forward FLOPs of a backbone on one clip of T frames, counted from its config: what runs, per token and per
     frame (test_all checks it against torch.utils.flop_counter). last: the DiT predicts only the last `last`
     frames (DiT.forward). Training costs 3x this (forward + backward)."""
+    if last is not None and not isinstance(backbone, DiT):
+        raise ValueError("last: only the DiT predicts a clip's last frames alone")
     c, D, N = backbone.cfg, backbone.cfg.width, backbone.n_tok
     L, L_out = T * N, (T if last is None else last) * N
     blocks = (c.depth - 1) * block_flops(D, c.mlp_ratio, L, L) + block_flops(D, c.mlp_ratio, L, L, L_out)

@@ -49,7 +49,7 @@ def denoise(model, history, actions, n_new, steps=4, generator=None, share=1, us
     use_cache = use_cache and (steps > 1 or Bh < B)      # one step over one history each: the cache saves nothing
     cache = model.backbone.new_cache() if use_cache else None
     if use_cache and Bh < B:                             # a shared history: computed once, its keys copied to each row
-        model(history, torch.zeros(Bh, h, device=x.device), cache=cache, last=1, actions=actions[::B // Bh, :h])
+        model(history, torch.zeros(Bh, h, device=x.device), cache=cache, last=1, actions=actions[::B // Bh, :h])  # (output unused)
         for layer in cache["layers"]:
             layer.update({k: v.repeat_interleave(B // Bh, 0) for k, v in layer.items()})
     history = history.repeat_interleave(B // Bh, 0)

@@ -38,7 +38,7 @@ from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_me
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
                    pick_device, seeded, tokenizer_flops)
 from adapter import ADAPTERS
-from loss import LOSSES, NOISE
+from loss import LOSSES, NOISE, clean_prefix
 from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, rollout
 
 
@@ -684,8 +684,8 @@ class StageTrainer:
         T, B = b.cfg.clip_len, self.cfg.batch_size
         if isinstance(b, VideoGPT):
             flops = 3 * forward_flops(b, T) * B + tokenizer_flops(b.tokenizer, B * T * b.n_tok)
-        else:                                         # the frames after the clean prefix (loss.py), as most batches draw it
-            flops = 3 * forward_flops(b, T, last=T - max(T - self.cfg.denoise_frames, 1)) * B
+        else:                                         # the frames after the clean prefix: the ones the loss asks for
+            flops = 3 * forward_flops(b, T, last=T - clean_prefix(T, self.cfg.denoise_frames)) * B
         return Job(self.ck["stage"], path, self.start, self.iters, self.elapsed, self.step, self.state,
                    lambda i: lr_at(i, self.cfg, self.iters), B * T, flops)
 
