@@ -124,7 +124,7 @@ PRESETS = {   # shared fields, then each backbone's own
                          temperature=0.0, top_k=0, expect="15-30 min on a 2-core CPU")),
     "games": dict(size=64, width=128, depth=4, heads=4, clip_len=3, batch_size=32, lr=1e-3, n_free=512, n_labelled=768,
                   episode_len=32, motion_weight=4.0, distance="mse",
-                  dit=dict(patch=8, margin=4, pretrain_iters=500, finetune_iters=1200, expect="about 20 min on a 2-core CPU"),
+                  dit=dict(patch=8, margin=4, pretrain_iters=500, finetune_iters=1200, expect="17-19 min on a 2-core CPU"),
                   ar=dict(down=3, codes=512, reach=1, tokenizer_iters=1000, pretrain_iters=400, finetune_iters=1200,
                           temperature=0.0, top_k=0, expect="about 25 min on a 2-core CPU")),
     "gpu": dict(size=64, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4, n_free=8192, n_labelled=2048,
