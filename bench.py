@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from envs import UserError, make_env
-from model import BACKBONES, forward_flops, make_generator, peak_flops, pick_device, seeded, tokenizer_flops
+from model import BACKBONES, make_generator, peak_flops, pick_device, seeded
 from adapter import WorldModel
-from loss import LOSSES, NOISE, clean_prefix
+from loss import LOSSES, NOISE
 from sample import rollout
-from train import PRESETS, make_optimizer
+from train import PRESETS, make_optimizer, step_flops
 from mbrl import Agent, MBRLConfig, mpc_policy
 
 SPEC = make_env("coin").spec                                                # discrete actions, 5 of them
@@ -81,11 +81,7 @@ def make_train_step(kind, preset, device, amp, clip_len=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if kind == "ar":                                                  # (the frozen tokenizer runs forward only)
-        flops = 3 * B * forward_flops(bb, T) + tokenizer_flops(bb.tokenizer, B * T * bb.n_tok)
-    else:                                                             # the frames the loss asks for
-        flops = 3 * B * forward_flops(bb, T, last=T - clean_prefix(T))
-    return step, B * T, B * T * bb.n_tok, flops
+    return step, B * T, B * T * bb.n_tok, step_flops(bb, B)
 
 
 def profile(what, step, device, top=8):

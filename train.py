@@ -600,6 +600,15 @@ class Job:
     flops: float        # training FLOPs per iteration, over all processes (3x the forward)
 
 
+def step_flops(backbone, B, denoise_frames=1):
+    """FLOPs of one training step on B clips, 3x the forward (forward + backward): the DiT predicts the frames after
+    the clean prefix (loss.clean_prefix), the token model every code, its frozen tokenizer encoding forward only."""
+    T = backbone.cfg.clip_len
+    if isinstance(backbone, VideoGPT):
+        return 3 * B * forward_flops(backbone, T) + tokenizer_flops(backbone.tokenizer, B * T * backbone.n_tok)
+    return 3 * B * forward_flops(backbone, T, last=T - clean_prefix(T, denoise_frames))
+
+
 def make_optimizer(params, cfg, device):
     """AdamW with weight decay on matrices only."""
     decay = [p for p in params if p.dim() >= 2]
@@ -681,13 +690,9 @@ class StageTrainer:
             f"episodes" + (f", {self.dist.world} processes (DDP)" if self.dist.world > 1 else ""))
         if self.start:
             log(f"resumed {self.ck['stage']} from {path} at step {self.start}/{self.iters}")
-        T, B = b.cfg.clip_len, self.cfg.batch_size
-        if isinstance(b, VideoGPT):
-            flops = 3 * forward_flops(b, T) * B + tokenizer_flops(b.tokenizer, B * T * b.n_tok)
-        else:                                         # the frames after the clean prefix: the ones the loss asks for
-            flops = 3 * forward_flops(b, T, last=T - clean_prefix(T, self.cfg.denoise_frames)) * B
+        B = self.cfg.batch_size
         return Job(self.ck["stage"], path, self.start, self.iters, self.elapsed, self.step, self.state,
-                   lambda i: lr_at(i, self.cfg, self.iters), B * T, flops)
+                   lambda i: lr_at(i, self.cfg, self.iters), B * b.cfg.clip_len, step_flops(b, B, self.cfg.denoise_frames))
 
 
 class TokenizerTrainer:
