@@ -27,6 +27,7 @@ Shards may hold episodes of different lengths (they are padded on loading); fram
 (they are resized to the run's --size if it differs). A malformed file is a one-line error naming it.
 """
 import argparse
+import difflib
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ import numpy as np
 from envs import AT_LEAST_0, AT_LEAST_1, FRACTION, KEYS, GymEnv, UserError, make_env, need, run_cli, WORLDS
 
 FORMAT = "nanoworld-episodes-1"
+META_KEYS = ("format", "env", "size", "spec", "episodes", "frame_skip")      # what meta.json may hold
 DATA_VERSION = 4            # 3: anti-aliased edges; 4: any environment, meta.json in the documented format
 
 
@@ -172,9 +174,17 @@ def read_meta(path):
         raise UserError(f"{f} is not valid JSON: fix it or delete it (a frames-only folder needs none)") from None
     if not isinstance(meta, dict):
         raise UserError(f"{f} holds a {type(meta).__name__}, not an object: write {{\"format\": \"{FORMAT}\", ...}}")
+    if meta.get("format", FORMAT) != FORMAT:
+        raise UserError(f"{f}: format {meta['format']!r} is not one this version reads: write \"{FORMAT}\" "
+                        f"(the layout in data.py's docstring)")
+    for key in set(meta) - set(META_KEYS):                          # notes of your own are fine; a misspelled
+        near = difflib.get_close_matches(key, [k for k in META_KEYS if k not in meta], 1)   # "spec" reads as frames only
+        if near:
+            raise UserError(f"{f}: {key!r} is not a meta.json key: did you mean {near[0]!r}? (the keys: {', '.join(META_KEYS)})")
     spec = meta.get("spec")
-    if spec is not None and (not isinstance(spec, dict) or {"discrete", "n_actions", "action_dim"} - set(spec)):
-        raise UserError(f"{f}: 'spec' must be {{\"discrete\": ..., \"n_actions\": ..., \"action_dim\": ...}}")
+    if spec is not None and not good_spec(spec):
+        raise UserError(f"{f}: 'spec' is {spec}; write {{\"discrete\": true, \"n_actions\": N, \"action_dim\": 0}} "
+                        f"(ids in [0, N)) or {{\"discrete\": false, \"n_actions\": 0, \"action_dim\": A}} (vectors in [-1, 1]^A)")
     if spec is not None and spec.get("keys") is not None and not good_keys(spec):
         raise UserError(f"{f}: spec 'keys' must map key names ({', '.join(KEYS)}) to actions of this spec (ids in "
                         f"[0, n_actions), or action_dim floats in [-1, 1]): fix them, or leave the key out")
@@ -184,6 +194,15 @@ def read_meta(path):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UserError(f"{f}: '{key}' is {v!r}; {fix}")
     return meta
+
+
+def good_spec(spec):
+    """Whether a spec names one action space: discrete with n_actions >= 1 ids, or continuous with action_dim >= 1."""
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not isinstance(spec, dict) or not isinstance(spec.get("discrete"), bool) or \
+            not count(spec.get("n_actions")) or not count(spec.get("action_dim")):
+        return False
+    return spec["n_actions"] >= 1 if spec["discrete"] else spec["action_dim"] >= 1
 
 
 def good_keys(spec):
@@ -202,8 +221,9 @@ def check_shard(f, arrays, spec, labelled):
     if "frames" not in arrays:
         raise UserError(f"{f} has no 'frames' array (keys: {', '.join(arrays) or 'none'}): save uint8 frames "
                         f"(episodes, steps+1, S, S, 3) under the name 'frames'")
+    if np.ndim(arrays["frames"]) == 4:                               # one episode: every array gains the episode axis
+        arrays = {k: np.asarray(v)[None] for k, v in arrays.items()}
     x = arrays["frames"]
-    x = x[None] if x.ndim == 4 else x
     if x.dtype != np.uint8 or x.ndim != 5 or x.shape[-1] != 3 or x.shape[2] != x.shape[3] or x.shape[1] < 2:
         raise UserError(f"{f}: frames are {x.dtype} {tuple(arrays['frames'].shape)}; expected uint8 (episodes, "
                         f"steps+1, S, S, 3), square RGB frames, at least 2 per episode")
@@ -387,8 +407,9 @@ def spread_clips(lengths, length, n):
     windows = [np.arange(1, L - length + 1, length) for L in lengths]           # starts of non-overlapping windows
     ok = [i for i, w in enumerate(windows) if len(w)]
     if not ok:
-        raise UserError(f"no held-out episode is long enough for clips of {length} frames (the longest holds "
-                        f"{max(lengths)}): lower --horizon")
+        raise UserError(f"no held-out episode is long enough for clips of {length} frames (a clip starts after an "
+                        f"episode's first frame, so it needs {length + 1}; the longest holds {max(lengths)}): lower "
+                        f"--horizon, or give longer episodes")
     if n <= len(ok):
         e = [ok[j * len(ok) // n] for j in range(n)]
         return np.array(e), np.array([windows[i][j % len(windows[i])] for j, i in enumerate(e)])

@@ -23,6 +23,7 @@ the errors every script reports and the command-line runner live here too.
 """
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import os
@@ -353,7 +354,8 @@ class GymEnv(Env):
     it from the game (auto_skip). Atari games are made with repeat_action_probability=0: sticky actions would
     make a replay from a restored state inexact. States: Atari's cloneState, else a copy of the environment's own
     attributes (classic control keeps its whole state there). Making and seeding a copy can be slow (Atari reloads
-    its ROM: ~0.2 s), so a reset without a seed continues each copy's own random stream instead."""
+    its ROM: ~0.2 s), so a reset without a seed continues each copy's own random stream instead, and the copies a
+    larger state needed (a planner's candidates, set_state) are kept for the next one."""
     max_copies = 16
 
     control_hz = 25      # the agent's step rate that auto_skip aims for, in steps per second of game time
@@ -367,7 +369,10 @@ class GymEnv(Env):
         if env_id.startswith("ALE/"):
             self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
             self.kw = dict(repeat_action_probability=0.0)
-        self.envs = [self._make(i) for i in range(num)]
+        elif importlib.util.find_spec("ale_py"):                              # Atari's older ids (PongNoFrameskip-v4)
+            self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
+        self.pool = [self._make(i) for i in range(num)]                      # every copy made so far, kept
+        self.envs = self.pool[:num]                                           # the copies in use
         space, u = self.envs[0].action_space, self.envs[0].unwrapped
         self.discrete = isinstance(space, self.gym.spaces.Discrete)
         if not self.discrete and not (isinstance(space, self.gym.spaces.Box) and len(space.shape) == 1):
@@ -378,6 +383,7 @@ class GymEnv(Env):
         meanings = u.get_action_meanings() if hasattr(u, "get_action_meanings") else None
         self.keys = keys_for(self.n_actions, meanings, self.action_dim)
         self.image_obs = len(self.envs[0].observation_space.shape or ()) == 3
+        self.atari = hasattr(u, "ale")                                        # states through the emulator's own clone
         self.frame_skip = frame_skip or self.auto_skip()
 
     def auto_skip(self):
@@ -385,6 +391,8 @@ class GymEnv(Env):
         at their render_fps; an action's effect on a small frame is visible only over a few of CartPole's 50 steps a
         second, so they repeat each action to act at about control_hz. Games whose observation is the image (Atari's
         v5 skips 4 frames itself) keep their own rate."""
+        if self.atari and getattr(self.envs[0].unwrapped, "_frameskip", None) == 1:   # *NoFrameskip ids: Atari's 60 Hz
+            return 4                                                                  # as v5 does (15 actions a second)
         fps = self.envs[0].metadata.get("render_fps") or self.control_hz
         return 1 if self.image_obs else max(1, round(fps / self.control_hz))
 
@@ -395,6 +403,9 @@ class GymEnv(Env):
         except self.gym.error.Error as e:
             raise UserError(f"gym:{self.id}: {str(e).splitlines()[0][:200]}; "
                             f"the id is a gymnasium id, e.g. gym:CartPole-v1, gym:ALE/Breakout-v5") from None
+        except Exception as e:                                                # the game's own code: a missing module
+            raise UserError(f"gym:{self.id} could not be made: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                            f"(install what it needs, or pick another game)") from None
         env.reset(seed=self.seed + i)
         return env
 
@@ -429,7 +440,7 @@ class GymEnv(Env):
         return self.last.copy(), reward, ended & ~was, np.full(self.num, self.t >= self.max_steps), {}
 
     def _snapshot(self, e):
-        if self.id.startswith("ALE/"):
+        if self.atari:
             return e.unwrapped.ale.cloneState()
         return {k: copy.deepcopy(v) for k, v in vars(e.unwrapped).items() if k not in self.not_state}
 
@@ -446,7 +457,7 @@ class GymEnv(Env):
         return True
 
     def _restore(self, e, snap):
-        if self.id.startswith("ALE/"):
+        if self.atari:
             e.unwrapped.ale.restoreState(snap)
         else:
             for k, v in snap.items():
@@ -457,9 +468,9 @@ class GymEnv(Env):
 
     def set_state(self, state):
         n = len(state["envs"])
-        while len(self.envs) < n:                                             # more copies asked for: make them
-            self.envs.append(self._make(len(self.envs)))
-        self.envs, self.num = self.envs[:n], n
+        while len(self.pool) < n:                                             # more copies than ever: make them once
+            self.pool.append(self._make(len(self.pool)))
+        self.envs, self.num = self.pool[:n], n
         for e, snap in zip(self.envs, state["envs"]):
             self._restore(e, snap)
         self.last, self.done, self.t = state["last"].copy(), state["done"].copy(), state["t"]

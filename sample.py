@@ -269,7 +269,8 @@ def parse_actions(text, spec, horizon):
     """'4,4,1' (discrete ids) or '1,0;0,-1' (continuous vectors, ';' between steps) -> (horizon,) or (horizon, A);
     a shorter sequence repeats its last action."""
     if spec["discrete"]:
-        size_ok, hint = ";" not in text, f"one id in [0, {spec['n_actions']}) per step, like 4,4,1"
+        n = spec["n_actions"]
+        size_ok, hint = ";" not in text, f"one id in [0, {n}) per step, like " + ",".join(str(i % n) for i in (n - 1, n - 1, 1))
         cut = [[v] for v in text.split(",")]
     else:
         A = spec["action_dim"]
@@ -297,9 +298,7 @@ def compare_gif(model, ck, path, n=4, horizon=16, seed=0, device="cpu", actions=
     k = model.backbone.cfg.clip_len - 1
     clips = heldout_clips(ck, n, k + horizon)
     x, a = clips["frames"].to(device), clips["actions"].to(device)
-    H = x.shape[1] - k
-    if H < horizon:
-        print(f"note: the held-out episodes hold {H} frames after the context; {horizon} asked, {H} drawn")
+    H = x.shape[1] - k                                                    # (fewer than horizon in short episodes)
     mine = a.roll(1, 0)[:, k:] if actions is None else actions[:H].to(device).expand((len(a), H) + actions.shape[1:])
     other = torch.cat([a[:, :k], mine], 1)
     g = lambda: make_generator(device, seed)
@@ -439,8 +438,15 @@ def main(argv=None):
     if ck.get("adapter") == "none":
         print(f"note: {a.ckpt} has no action module (adapter 'none'): its rollouts under other actions are the same")
     n, H = compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, **sampling)
-    print(f"wrote {a.out}: {n} held-out '{ck['data']['env'] or 'the data'}' episodes" +
-          (f" ({a.n} asked: the held-out split holds {n})" if n < a.n else "") + f", {H} frames ({why})")
+    print(f"wrote {a.out}: {n} held-out episodes of {source(ck)}" +
+          (f" ({a.n} asked: the held-out split holds {n})" if n < a.n else "") + f", {H} frames" +
+          (f" ({a.horizon} asked: the held-out episodes hold {H} after the context)" if H < a.horizon else "") + f" ({why})")
+
+
+def source(ck):
+    """Where a checkpoint's episodes came from, for messages: its environment, else its --data folder."""
+    d = ck["data"]
+    return f"'{d['env']}'" if d["env"] else f"the folder {d.get('folder') or d.get('free_folder')}"
 
 
 def check_args(a):
@@ -474,7 +480,7 @@ def play(a, model, ck, device, why, sampling):
     elif a.keys is not None:
         keys = [k.strip() for k in a.keys.split(",")]                     # (check_args: every one a key)
         play_keys(player, keys, a.out)
-        print(f"wrote {a.out}: {len(keys)} frames played in '{ck['data']['env'] or 'the data'}' by keys ({why})")
+        print(f"wrote {a.out}: {len(keys)} frames played in {source(ck)} by keys ({why})")
     else:
         play_window(player)
 

@@ -1329,6 +1329,53 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
         read_folder(str(d), labelled=True)
 
 
+def test_meta_json_is_checked_by_value_and_one_episode_shards_read(tmp_path):
+    """A meta.json spec of the wrong types (a string count, a float count, a continuous spec with no dimensions), an
+    unknown format and a misspelled key are one-line errors before training, not a crash after a pre-training stage;
+    a key of one's own is fine; a shard holding one episode without the episode axis reads like a shard of one."""
+    from data import read_folder, read_meta, write_folder
+    ep = generate_episodes(DataConfig(env="coin", size=16, episode_len=6), 3, seed=0)
+    write_folder(str(tmp_path / "d"), iter([ep]), "coin", 16, make_env("coin").spec)
+    good = json.load(open(tmp_path / "d" / "meta.json"))
+    spec = dict(discrete=True, n_actions=5, action_dim=0)
+    for change, match in ((dict(spec=dict(spec, n_actions="5")), "'spec' is"), (dict(spec=dict(spec, n_actions=5.0)), "'spec' is"),
+                          (dict(spec=dict(discrete=False, n_actions=0, action_dim=0)), "'spec' is"),
+                          (dict(format="nanoworld-episodes-2"), "format"), (dict(sepc=spec), "did you mean 'spec'")):
+        meta = {k: v for k, v in good.items() if not ("sepc" in change and k == "spec")}
+        json.dump(dict(meta, **change), open(tmp_path / "d" / "meta.json", "w"))
+        with pytest.raises(UserError, match=match):
+            read_meta(str(tmp_path / "d"))
+    json.dump(dict(good, source="my robot, lab 2"), open(tmp_path / "d" / "meta.json", "w"))
+    assert read_meta(str(tmp_path / "d"))["source"] == "my robot, lab 2"
+    np.savez_compressed(tmp_path / "d" / "shard_000.npz", **{k: v[0] for k, v in ep.items()})   # one episode, no axis
+    arrays, _ = read_folder(str(tmp_path / "d"), labelled=True)
+    assert arrays["frames"].shape[0] == 1 and np.array_equal(arrays["actions"][0], ep["actions"][0])
+
+
+def test_gym_copies_are_kept_older_atari_ids_work_and_a_broken_game_is_one_line(tmp_path):
+    """A planner's states need more copies of a game than the world has: they are made once and kept, not remade
+    at every call (Atari reloads its ROM for each: seconds per decision). Atari's v4 ids (NoFrameskip: 60 Hz, so
+    4 frames a step as v5) are made through ale-py; a game whose own code fails to load is a one-line error."""
+    gym = game("gymnasium")
+    env = make_env("gym:CartPole-v1", num=2, size=32, seed=0)
+    env.reset()
+    saved = env.get_state()
+    env.set_state(env.tile(saved, 3))
+    made = list(env.pool)
+    env.set_state(saved)
+    env.set_state(env.tile(saved, 3))
+    assert len(env.envs) == 6 and all(a is b for a, b in zip(env.pool, made)) and len(env.pool) == 6
+
+    def broken(**kw):
+        raise ModuleNotFoundError("No module named 'jax'")
+    gym.register(id="NanoworldBroken-v0", entry_point=broken)
+    with pytest.raises(UserError, match="could not be made: ModuleNotFoundError: No module named 'jax'"):
+        make_env("gym:NanoworldBroken-v0")
+    game("ale_py")
+    pong = make_env("gym:PongNoFrameskip-v4", size=32)
+    assert pong.atari and pong.frame_skip == 4 and pong.restorable
+
+
 def test_recorded_folders_pretrain_and_finetune(tmp_path):
     """python data.py --record writes the format; train.py pre-trains on an action-free folder and fine-tunes on a
     labelled one (the paper's recipe, with two sources)."""

@@ -187,7 +187,9 @@ def check_model_flags(cfg):
     if cfg.width % cfg.heads:
         raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
     if cfg.backbone == "dit" and cfg.size % cfg.patch:
-        raise UserError(f"--size {cfg.size} is not a multiple of --patch {cfg.patch}: patches tile the frame")
+        fit = max(cfg.patch, round(cfg.size / cfg.patch) * cfg.patch)
+        raise UserError(f"frame size {cfg.size} (--size, or the --data frames') is not a multiple of --patch {cfg.patch}: "
+                        f"patches tile the frame; pass --size {fit} (frames are resized) or another --patch")
 
 
 def resolve(cfg, device):
@@ -939,7 +941,7 @@ def train(cfg):
     desc = describe(cfg, init, tok_from)
     os.makedirs(cfg.out, exist_ok=True)
     log = Logger(cfg.out, dist.main)
-    log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env}' | stages {' -> '.join(stages)} | "
+    log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env or cfg.data}' | stages {' -> '.join(stages)} | "
         f"out {cfg.out}" + (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
     try:
         m = run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log)
