@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from envs import UserError, make_env
+from envs import UserError, check_out_file, make_env
 from model import BACKBONES, make_generator, peak_flops, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES, NOISE
@@ -223,9 +223,9 @@ def main():
     p.add_argument("--curves", action="store_true", help="also draw the cost curves into --png")
     p.add_argument("--profile", choices=["train", "mpc"], help="only profile one DiT training step of the CPU preset "
                    "(the GPU preset on CUDA), or one MPC decision at the mbrl.py defaults: the top operators")
-    p.add_argument("--json", default="bench.json")
-    p.add_argument("--png", default="bench.png")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default="bench.json", help="where the table goes as JSON (default: bench.json)")
+    p.add_argument("--png", default="bench.png", help="where --curves draws (default: bench.png)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--presets", help="comma-separated presets to measure (default: tiny,games, and gpu on CUDA)")
     a = p.parse_args()
     device, _, why = pick_device(a.device)
@@ -241,6 +241,9 @@ def main():
     if "gpu" in presets and device.type != "cuda":
         raise UserError("--presets gpu needs a CUDA GPU (on a 2-core CPU with 24 GB it ran out of memory): "
                         "measure tiny or games here")
+    check_out_file(a.json, "--json", ".json")
+    if a.curves:
+        check_out_file(a.png, "--png", ".png")
     t0 = time.time()
     print(f"measuring on {why} ...", flush=True)
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from envs import AT_LEAST_0, AT_LEAST_1, FRACTION, KEYS, GymEnv, UserError, make_env, need, run_cli, WORLDS
+from envs import AT_LEAST_0, AT_LEAST_1, FRACTION, KEYS, GymEnv, UserError, check_out_file, make_env, need, run_cli, WORLDS
 
 FORMAT = "nanoworld-episodes-1"
 META_KEYS = ("format", "env", "size", "spec", "episodes", "frame_skip")      # what meta.json may hold
@@ -464,7 +464,7 @@ def checked(typ, valid):
     return parse
 
 
-def main():
+def main(argv=None):
     positive, fraction, natural = checked(int, AT_LEAST_1), checked(float, FRACTION), checked(int, AT_LEAST_0)
     p = argparse.ArgumentParser(description="Environments and episodes. --list prints the built-in worlds; --preview "
                                 "FILE.gif rolls the behaviour policy; --record ENV --out DIR writes episodes for "
@@ -484,7 +484,7 @@ def main():
     p.add_argument("--frame_skip", type=natural, default=0, help="--record, gym: repeat each action this many times "
                    "(0: the game's default, 2 for CartPole's 50 steps a second, 1 for Atari)")
     p.add_argument("--seed", type=natural, default=0)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.list:
         print("\n".join(WORLDS))
         try:
@@ -499,6 +499,8 @@ def main():
         if not a.out:
             raise UserError("--record needs --out DIR: the folder to write the episodes to")
         return record(a.record, a.episodes, a.out, size, episode_len, a.frames_only, a.seed, a.sticky, a.frame_skip)
+    if a.preview:
+        check_out_file(a.preview, "--preview", ".gif")
     ep = generate_episodes(DataConfig(env=env, size=size, episode_len=episode_len, frame_skip=a.frame_skip), 4, seed=a.seed)
     if a.preview:
         from PIL import Image

@@ -72,6 +72,20 @@ def run_cli(main):
 KEYS = ("left", "right", "up", "down", "space", "none")     # what play and --keys can press
 
 
+def check_size(size, flag=""):
+    """Frames are square, size x size pixels: a multiple of 8 (patches and tokenizer cells tile it), 16 or more."""
+    if size < 16 or size % 8:
+        raise UserError(f"{flag}frame size {size} is not supported: use a multiple of 8, at least 16 (32 or 64)")
+
+
+def check_out_file(path, flag, ext):
+    """A file a run will write, checked before the work that fills it: its kind, and a folder to put it in."""
+    if not path.lower().endswith(ext):
+        raise UserError(f"{flag} should name a {ext} file; got '{path}'")
+    if os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
+        raise UserError(f"{flag} {path}: no folder '{os.path.dirname(path)}' to write into: create it first")
+
+
 class Env:
     """What every environment shares: its size, its action space (spec), action checks, random actions."""
     name = ""
@@ -84,8 +98,7 @@ class Env:
     keys = {}            # key name -> action
 
     def __init__(self, num, size, max_steps):
-        if size < 16 or size % 8:
-            raise UserError(f"frame size {size} is not supported: use a multiple of 8, at least 16 (32 or 64)")
+        check_size(size)
         self.num, self.size, self.max_steps = num, size, max_steps
 
     @property

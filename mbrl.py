@@ -56,12 +56,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, make_env, run_cli
+from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, check_size, make_env, run_cli
 from data import ClipSampler, DataConfig, generate_episodes, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES
-from sample import CKPT_FORMAT, load_model, read_checkpoint, rollout
+from sample import CKPT_FORMAT, load_model, read_world_model, rollout
 from train import opt, parse_config, save_checkpoint
 
 
@@ -73,15 +73,15 @@ class MBRLConfig:
     seeds: int = opt(1, "independent runs (seeds 0..N-1): curves show their mean and spread", AT_LEAST_1)
     out: str = opt("out_mbrl", "output folder: results.json, curves.png, mbrl.log")
     init_from: str = opt("", "a train.py checkpoint to start the world model from (its frame size is used)")
-    device: str = opt("auto", "auto | cpu | cuda")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = opt(True, "torch.compile the world model for planning (about a minute of compiling, then ~1.6x faster "
                               "decisions on a 2-core CPU)")
     # the world model (a small DiT unless --init_from)
     size: int = opt(None, "frame size in pixels (default: 16 for the built-in worlds, 32 for games)", AT_LEAST_1)
     context: int = opt(None, "frames the world model sees before each new one (default: 1 for the built-in worlds, "
                              "2 for games, which are not Markov in one frame)", AT_LEAST_1)
-    width: int = opt(96, "world-model width", AT_LEAST_1)
-    depth: int = opt(3, "world-model blocks", AT_LEAST_1)
+    width: int = opt(96, "world-model width (ignored with --init_from)", AT_LEAST_1)
+    depth: int = opt(3, "world-model blocks (ignored with --init_from)", AT_LEAST_1)
     # data and training
     episode_len: int = opt(None, "steps per episode at most (default: 32 for the built-in worlds, 200 for games)", AT_LEAST_1)
     frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (2 for CartPole)", AT_LEAST_0)
@@ -121,15 +121,22 @@ class MBRLConfig:
 
     def __post_init__(self):
         """The frame size and context that depend on the environment (or on the --init_from checkpoint)."""
-        ck = read_checkpoint(self.init_from) if self.init_from else None
+        ck = read_world_model(self.init_from, "--init_from") if self.init_from else None
         init = ck["model_args"] if ck else None
         game = ":" in self.env
+        for flag, theirs in (("size", init and init["size"]), ("context", init and init["clip_len"] - 1)):
+            if init and getattr(self, flag) not in (None, theirs):
+                raise UserError(f"--{flag} {getattr(self, flag)} but --init_from {self.init_from} was trained with "
+                                f"{theirs}: drop --{flag}, or start from scratch")
+        if ck:                                      # the checkpoint's model, recorded as it is (results.json)
+            self.backbone, self.width, self.depth = ck["backbone"], init["width"], init["depth"]
         if not 2 <= self.elites <= self.candidates:
             raise UserError(f"--elites {self.elites}: must be 2 or more (the refit needs a spread) and at most "
                             f"--candidates {self.candidates}")
         if self.plan_batch not in ("auto", "tree", "flat"):
             raise UserError(f"--plan_batch '{self.plan_batch}': choose auto, tree or flat")
         self.size = self.size or (init["size"] if init else 32 if game else 16)
+        check_size(self.size, "--size ")
         self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
         self.episode_len = self.episode_len or (200 if game else 32)
         self.motion_weight = (4.0 if game else 0.0) if self.motion_weight is None else self.motion_weight
@@ -267,7 +274,7 @@ def true_scores(world, cand, gamma):
 def new_world_model(cfg, spec, device):
     """The world model: a train.py checkpoint (--init_from), or a small DiT/GPT with the film adapter at --size."""
     if cfg.init_from:
-        wm, ck = load_model(cfg.init_from, device, ema=True)
+        wm, ck = load_model(cfg.init_from, device, ema=True, flag="--init_from")
         if ck["spec"] != spec:
             raise UserError(f"--init_from {cfg.init_from} was trained on '{ck['data']['env']}' actions, not '{cfg.env}'s")
         if wm.adapter is None:
@@ -719,8 +726,9 @@ def bench(cfg, spec, device, why, log):
 
 def normalized(R, R_random, R_oracle):
     """(R - R_random) / (R_oracle - R_random), on means over seeds; None (JSON null) where the true simulator's
-    planner scores the same as random or could not run, so that nothing can be normalised."""
-    ok = np.isfinite(R_oracle) and R_oracle != R_random                  # (NaN: no simulator to restore)
+    planner scores no better than random or could not run: no scale to normalise by (below random, a model that
+    did worse than random would read as a positive score)."""
+    ok = np.isfinite(R_oracle) and R_oracle > R_random                   # (NaN: no simulator to restore)
     return float((R - R_random) / (R_oracle - R_random)) if ok else None
 
 

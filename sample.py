@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from envs import KEYS, UserError, keys_for, run_cli
+from envs import KEYS, UserError, check_out_file, keys_for, run_cli
 from data import ClipSampler, DataConfig, load_corpus, spread_clips, to_uint8
 from model import BACKBONES, VideoGPT, make_generator, pick_device
 from adapter import WorldModel, check_actions
@@ -217,11 +217,19 @@ def read_checkpoint(path):
     return ck
 
 
-def load_model(path, device="cpu", ema=True):
-    """-> (WorldModel with the checkpoint's EMA weights (or raw ones), the checkpoint dict)."""
+def read_world_model(path, flag="--ckpt"):
+    """read_checkpoint for a file that must hold a world model (ckpt.pt, pretrain.pt), not a tokenizer alone."""
     ck = read_checkpoint(path)
     if "ema" not in ck:
-        raise UserError(f"'{path}' holds only a {ck.get('stage', 'partial')} stage, not a world model: point --ckpt at ckpt.pt")
+        raise UserError(f"'{path}' holds only a {ck.get('stage', 'partial')} stage, not a world model: point {flag} at "
+                        f"a ckpt.pt or pretrain.pt" + (" (a tokenizer.pt goes to train.py --tokenizer)" if
+                                                       ck.get("stage") == "tokenizer" else ""))
+    return ck
+
+
+def load_model(path, device="cpu", ema=True, flag="--ckpt"):
+    """-> (WorldModel with the checkpoint's EMA weights (or raw ones), the checkpoint dict)."""
+    ck = read_world_model(path, flag)
     model = build_model(ck)
     model.load_state_dict(ck["ema" if ema else "model"])
     return model.to(device).eval(), ck
@@ -422,8 +430,8 @@ def main(argv=None):
                    "and space (r restarts, q quits); with --keys, headless, into the GIF --out")
     p.add_argument("--keys", default=None, help="--play: a scripted sequence of keys, e.g. right,right,up,space,none,left")
     p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the held-out picks and the sampling noise (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     a = p.parse_args(argv)
     check_args(a)
     device, _, why = pick_device(a.device)
@@ -455,16 +463,15 @@ def check_args(a):
         raise UserError("--ckpt is required: a checkpoint written by train.py")
     if a.n < 1 or a.steps < 1 or a.horizon < 1:
         raise UserError(f"--n, --steps and --horizon must be at least 1 (got {a.n}, {a.steps}, {a.horizon})")
+    if a.n > 64:
+        raise UserError(f"--n {a.n}: one GIF shows 64 episodes at most (a row each); pass fewer")
     if (a.temperature or 0) < 0 or (a.top_k or 0) < 0:
         raise UserError(f"--temperature and --top_k must be 0 or more (got {a.temperature}, {a.top_k})")
     if a.keys is not None and not a.play:
         raise UserError("--keys plays a scripted game: add --play (and --out FILE.gif)")
     if a.bench_play or (a.play and a.keys is None):                       # nothing to write (the window shows it)
         return
-    if not a.out.lower().endswith(".gif"):
-        raise UserError(f"--out should name a .gif file; got '{a.out}'")
-    if os.path.dirname(a.out) and not os.path.isdir(os.path.dirname(a.out)):
-        raise UserError(f"--out {a.out}: no folder '{os.path.dirname(a.out)}' to write into: create it first")
+    check_out_file(a.out, "--out", ".gif")
     if a.keys is not None and (bad := [k for k in (k.strip() for k in a.keys.split(",")) if k not in KEYS]):
         raise UserError(f"--keys '{a.keys}': {', '.join(map(repr, bad))} is not a key: use {', '.join(KEYS)}")
 

@@ -726,20 +726,37 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     assert "lower --horizon" in (tmp_path / "h" / "train.log").read_text()          # the log says why it stopped
     out = ["--out", str(tiny_run / "out"), "--resume", *TINY_FLAGS, *data]
     for argv, match in ((["--backbone", "ar"], "is a 'dit' run on 'coin', not 'ar'"),     # before the tokenizer stage
-                        (["--max_iters", "5"], "ended at step 3 and .*ckpt.pt was built on it")):  # a longer pretrain
+                        (["--max_iters", "5"], "ended at step 3 and .*ckpt.pt was built on it"),   # a longer pretrain
+                        (["--max_iters", "3", "--adapter", "input"], re.escape("--adapter input (the run has film)")),
+                        (["--max_iters", "3", "--lr", "0.5"], re.escape("--lr 0.5 (the run has")),   # the run's own flags
+                        (["--max_iters", "3", "--stage", "scratch"], "holds the finetune stage \\(of --stage all\\)")):
         with pytest.raises(UserError, match=match):
             train.train(train.parse_args(out + argv))
     assert ck.read_bytes() == before and not (tiny_run / "out" / "tokenizer.pt").exists()
+    tok = tmp_path / "tokenizer.pt"                                     # a file with no world model in it
+    torch.save({k: v for k, v in torch.load(ck, weights_only=True).items() if k not in ("ema", "model")} | {"stage": "tokenizer"}, tok)
     for argv, match in ((["--tokenizer", str(ck)], "--tokenizer is for --backbone ar"), (["--out", str(ck)], "is a file"),
-                        (["--init_from", str(ck), "--size", "32"], "--size 32 .* was trained with 16")):
+                        (["--init_from", str(ck), "--size", "32"], "--size 32 .* was trained with 16"),
+                        (["--backbone", "ar", "--tokenizer", str(ck), "--size", "32"], "--size 32 but --tokenizer"),
+                        (["--init_from", str(tok)], "holds only a tokenizer stage.*--tokenizer")):
         with pytest.raises(UserError, match=match):
             cfg = train.parse_args(argv)
             train.resolve(cfg, torch.device("cpu")), train.plan_stages(cfg)
     cfg = train.parse_args(["--init_from", str(ck), "--stage", "finetune"])
     train.resolve(cfg, torch.device("cpu"))
     assert (cfg.size, cfg.width, cfg.clip_len) == (16, 32, 2)            # the checkpoint's model, not the preset's
+    import mbrl                                      # mbrl.py: a checkpoint's model is not overridden in silence
+    for argv, match in ((["--init_from", str(ck), "--size", "32"], "--size 32 but --init_from"), (["--size", "18"], "frame size 18"),
+                        (["--init_from", str(ck), "--context", "2"], "--context 2 but --init_from")):
+        with pytest.raises(UserError, match=match):
+            mbrl.parse_args(argv)
+    assert mbrl.parse_args(["--init_from", str(ck), "--width", "7"]).width == 32    # the checkpoint's, as recorded
+    import data
+    with pytest.raises(UserError, match="--preview should name a .gif"):
+        data.main(["--preview", str(tmp_path / "x.txt")])
     import sample                                    # sample.py's flags are checked before the checkpoint loads
     for args, match in ((["--keys", "right"], "add --play"), (["--play", "--keys", "right,,left"], "'' is not a key"),
+                        (["--n", "1000"], "64 episodes at most"),
                         (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder")):
         with pytest.raises(UserError, match=match):
             sample.main(["--ckpt", str(tmp_path / "never_read.pt"), *args])
@@ -784,6 +801,7 @@ def test_flags_are_checked_before_any_work(tmp_path):
     assert (tmp_path / "results.json").read_text() == "{}"
     assert mbrl.normalized(3.0, 1.0, 1.0) is None and mbrl.normalized(2.0, 1.0, 3.0) == 0.5
     assert mbrl.normalized(2.0, 1.0, float("nan")) is None                 # no true simulator: null, not NaN
+    assert mbrl.normalized(1.0, 2.0, 0.5) is None                          # a true planner below random: no scale
     assert mbrl.replay_safe("cuda", "dit", 1) and not mbrl.replay_safe("cpu", "dit", 1)
     assert not mbrl.replay_safe("cuda", "ar", 1) and not mbrl.replay_safe("cuda", "dit", 2)   # caches across calls
 

@@ -39,7 +39,7 @@ from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator,
                    pick_device, seeded, tokenizer_flops)
 from adapter import ADAPTERS
 from loss import LOSSES, NOISE, clean_prefix
-from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, rollout
+from sample import CKPT_FORMAT, build_model, compare_gif, read_checkpoint, read_world_model, rollout
 
 
 def opt(default, help, valid=None):
@@ -192,17 +192,31 @@ def check_model_flags(cfg):
                         f"patches tile the frame; pass --size {fit} (frames are resized) or another --patch")
 
 
+TOKENIZER_ARGS = ("size", "channels", "down", "codes", "code_dim", "tok_width")    # what a --tokenizer fixes
+
+
+def adopt_model_args(cfg):
+    """The model flags a starting checkpoint fixes: all of --init_from's (frame size, context, widths), the tokenizer's
+    of --tokenizer (frame size, codes). A flag given otherwise is a UserError, before the preset fills the rest."""
+    for flag, path in (("--init_from", cfg.init_from), ("--tokenizer", cfg.tokenizer)):
+        if not path:
+            continue
+        ck = read_world_model(path, flag) if flag == "--init_from" else read_checkpoint(path)
+        for k, v in ck["model_args"].items():
+            if flag == "--tokenizer" and k not in TOKENIZER_ARGS:
+                continue
+            if getattr(cfg, k, None) not in (None, v):
+                raise UserError(f"--{k} {getattr(cfg, k)} but {flag} {path} was trained with {v}: drop --{k} (the "
+                                f"--data frames are resized to the model's), or start from scratch")
+            if hasattr(cfg, k):
+                setattr(cfg, k, v)
+
+
 def resolve(cfg, device):
     """Check the names and fill the preset's fields; returns the expected-time note."""
     if cfg.backbone not in BACKBONES:
         raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
-    if cfg.init_from:                                 # the model is the checkpoint's: its frame size, context, widths
-        for k, v in read_checkpoint(cfg.init_from)["model_args"].items():
-            if getattr(cfg, k, None) not in (None, v):
-                raise UserError(f"--{k} {getattr(cfg, k)} but --init_from {cfg.init_from} was trained with {v}: drop "
-                                f"--{k} (the --data frames are resized to the model's), or start from scratch")
-            if hasattr(cfg, k):
-                setattr(cfg, k, v)
+    adopt_model_args(cfg)
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
         if not os.path.isdir(cfg.data):
             raise UserError(f"--data {cfg.data}: not a folder; pass the folder of .npz shards and meta.json "
@@ -781,7 +795,7 @@ def plan_stages(cfg):
         if cfg.backbone != "ar":
             raise UserError(f"--tokenizer is for --backbone ar (the DiT reads pixels): drop it, or pass --backbone ar")
         tokenizer_weights(tok_from, cfg.tokenizer)                            # (a checkpoint that holds one?)
-    init = read_checkpoint(cfg.init_from) if cfg.init_from else None
+    init = read_world_model(cfg.init_from, "--init_from") if cfg.init_from else None
     if cfg.backbone == "ar" and tok_from is None and init is None and stages[0] != "finetune":
         stages = ["tokenizer"] + stages
     if init is not None:
@@ -799,12 +813,17 @@ def plan_stages(cfg):
         print(f"note: --resume found no checkpoint in {cfg.out}: starting the run from the beginning")
     for i, stage in enumerate(stages if cfg.resume else []):                # every mismatch before any work
         if os.path.exists(files[stage]):
-            prev = same_run(cfg, files[stage])
+            prev = same_run(cfg, files[stage], stage)
             later = [files[s] for s in stages[i + 1:] if os.path.exists(files[s])]
-            if prev["step"] < stage_iters(cfg, stage) and later:
+            unfinished = prev["step"] < stage_iters(cfg, stage)
+            if unfinished and later:
                 raise UserError(f"{files[stage]} ended at step {prev['step']} and {later[0]} was built on it: "
                                 f"training {stage} to {stage_iters(cfg, stage)} steps would not reach it; pass the "
                                 f"run's own iterations, or start another --out from it (--init_from)")
+            changed = changed_flags(cfg, prev, stage)
+            if changed and (unfinished or stage == stages[-1]):               # it would go on, or end the run, without them
+                raise UserError(f"{files[stage]} was trained with other flags: {', '.join(changed)}: pass the run's own, "
+                                f"or start another --out from it (--init_from)")
     if stages == ["finetune"] and init is None:
         pre = os.path.join(cfg.out, "pretrain.pt")
         if not os.path.exists(pre):
@@ -818,8 +837,7 @@ def describe(cfg, init, tok_from):
     spec = action_spec(cfg)
     margs = {f.name: getattr(cfg, f.name) for f in fields(BACKBONES[cfg.backbone][1]) if getattr(cfg, f.name, None) is not None}
     if tok_from is not None:
-        tok_args = ("size", "channels", "down", "codes", "code_dim", "tok_width")
-        margs.update({k: v for k, v in tok_from["model_args"].items() if k in tok_args})
+        margs.update({k: v for k, v in tok_from["model_args"].items() if k in TOKENIZER_ARGS})
     if init is not None:
         margs = init["model_args"]
     dcfg = DataConfig(env=cfg.env, size=margs["size"], episode_len=cfg.episode_len, n_free=cfg.n_free,
@@ -847,20 +865,41 @@ def stage_iters(cfg, stage):
     return cfg.tokenizer_iters if stage == "tokenizer" else cfg.pretrain_iters if stage == "pretrain" else cfg.finetune_iters
 
 
-def same_run(cfg, path):
-    """The checkpoint at path, if it is of this backbone and environment (else a UserError)."""
+def same_run(cfg, path, stage):
+    """The checkpoint at path, if it is this stage of a run of this backbone and environment (else a UserError)."""
     prev = read_checkpoint(path)
     if prev["backbone"] != cfg.backbone or prev["data"]["env"] != cfg.env:
         raise UserError(f"{path} is a '{prev['backbone']}' run on '{prev['data']['env']}', not '{cfg.backbone}' on "
                         f"'{cfg.env}': pass the same --backbone and --env, or another --out")
+    if prev.get("stage", stage) != stage:                                     # finetune and scratch share ckpt.pt
+        raise UserError(f"{path} holds the {prev['stage']} stage (of --stage {prev['config']['stage']}), not {stage}: "
+                        f"pass --stage {prev['config']['stage']}, or another --out")
     return prev
+
+
+# flags a resumed run may change: where it writes, what it runs on, how long it trains, how it is evaluated and logged
+RESUME_FREE = {"out", "resume", "device", "compile", "preset", "init_from", "tokenizer", "data_dir", "stage", "max_iters",
+               "tokenizer_iters", "pretrain_iters", "finetune_iters", "horizon", "eval_clips", "sample_steps",
+               "temperature", "top_k", "log_interval", "ckpt_seconds"}
+
+
+def changed_flags(cfg, prev, stage):
+    """The training flags that differ from the ones a checkpoint was trained with ('--lr 0.01 (the run has 0.001)');
+    the pre-training stage has no adapter, the tokenizer's own model flags are checked by resumable()."""
+    theirs, mine = prev.get("config", {}), asdict(cfg)
+    if stage == "tokenizer":
+        return []
+    free = RESUME_FREE | ({"adapter", "freeze_backbone"} if stage == "pretrain" else set())
+    same = lambda k: mine[k] == theirs[k] or (k in ("data", "pretrain_data") and os.path.abspath(mine[k] or ".") ==
+                                              os.path.abspath(theirs[k] or "."))
+    return [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and k not in free and not same(k)]
 
 
 def resumable(cfg, path, desc):
     """This stage's own checkpoint when --resume finds one, checked against the flags."""
     if not (cfg.resume and os.path.exists(path)):
         return None
-    prev = same_run(cfg, path)
+    prev = read_checkpoint(path)                                              # (plan_stages checked its flags)
     mine, theirs = desc["model_args"], prev.get("model_args", {})
     if changed := [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and mine[k] != theirs[k]]:
         raise UserError(f"{path} was trained with another model: {', '.join(changed)}: pass the run's own flags, "
@@ -924,8 +963,8 @@ def report(ck, cfg, device, why, stages, t0, log):
     m.update(train_seconds=round(time.time() - t0, 1), device=why, env=cfg.env, backbone=cfg.backbone,
              adapter=ck["adapter"], motion_weight=cfg.motion_weight, distance=cfg.distance, stages=stages, preset=cfg.preset,
              params=sum(p.numel() for p in model.parameters()))
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(m, f, indent=1)
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:                # strict JSON: NaN (no agent found) as null
+        json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}, f, indent=1)
     compare_gif(model, ck, os.path.join(cfg.out, "rollout.gif"), device=device, **sampling(cfg))
     log(summary(m))
     log(f"wrote {cfg.out}/metrics.json and {cfg.out}/rollout.gif in {m['train_seconds'] / 60:.1f} min")
