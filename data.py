@@ -409,7 +409,7 @@ def spread_clips(lengths, length, n):
     if not ok:
         raise UserError(f"no held-out episode is long enough for clips of {length} frames (a clip starts after an "
                         f"episode's first frame, so it needs {length + 1}; the longest holds {max(lengths)}): lower "
-                        f"--horizon, or give longer episodes")
+                        f"--horizon (or --clip_len), or give longer episodes")
     if n <= len(ok):
         e = [ok[j * len(ok) // n] for j in range(n)]
         return np.array(e), np.array([windows[i][j % len(windows[i])] for j, i in enumerate(e)])

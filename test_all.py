@@ -668,6 +668,7 @@ def test_a_signal_saves_the_step_it_stopped_at_and_resume_continues(tmp_path, si
     assert p.returncode == 128 + sig and "Traceback" not in err and "--resume" in err, err[-2000:]
     step = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"]
     assert step >= 2 and f"at step {step}/" in err
+    assert (out + err).count("Continue with") == 1 and "Continue with" in log.read_text()   # said once, and logged
     r = run(*args[:4], str(step + 2), *args[5:], "--resume")
     assert r.returncode == 0 and f"resumed scratch from {tmp_path / 'o' / 'ckpt.pt'} at step {step}/" in r.stdout, r.stderr[-2000:]
     assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["step"] == step + 2

@@ -177,8 +177,10 @@ def space_of(spec):
 
 def check_model_flags(cfg):
     """The preset-filled model and loss flags, checked together: a one-line UserError for any that cannot work."""
-    if cfg.distance not in ("mse", "l1") or (cfg.backbone == "ar" and cfg.distance != "mse"):
-        raise UserError(f"--distance '{cfg.distance}': choose mse or l1 (dit only: the GPT scores codes by cross-entropy)")
+    if cfg.distance not in ("mse", "l1"):
+        raise UserError(f"--distance '{cfg.distance}': choose mse or l1")
+    if cfg.backbone == "ar" and cfg.distance != "mse":
+        raise UserError(f"--distance {cfg.distance} is for --backbone dit: the GPT scores codes by cross-entropy; drop it")
     if cfg.denoise_frames > 1 and (cfg.backbone != "dit" or cfg.denoise_frames >= cfg.clip_len):
         raise UserError(f"--denoise_frames {cfg.denoise_frames}: dit only, and below --clip_len {cfg.clip_len} (a clip "
                         f"keeps one clean context frame at least)")
@@ -526,9 +528,11 @@ class Logger:
     def __init__(self, out, main=True):
         self.path, self.main = os.path.join(out, "train.log"), main
 
-    def __call__(self, msg):
+    def __call__(self, msg, echo=True):
+        """msg to train.log and, with echo, to the terminal (rank 0 only)."""
         if self.main:
-            tqdm.write(msg)
+            if echo:
+                tqdm.write(msg)
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
 
@@ -592,7 +596,7 @@ def train_loop(job, cfg, dist, log):
                 name = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
                 msg = (f"{job.name} stopped by {name} at step {step}/{job.iters}; saved {job.path}. "
                        f"Continue with: {resume_command(dist)}")
-                log(msg)
+                log(msg, echo=False)                            # (the terminal gets it once, as the exit message)
                 raise Stopped(msg, 128 + (stop.signum or signal.SIGTERM))
     bar.close()
     return save()
