@@ -27,7 +27,6 @@ Shards may hold episodes of different lengths (they are padded on loading); fram
 (they are resized to the run's --size if it differs). A malformed file is a one-line error naming it.
 """
 import argparse
-import difflib
 import hashlib
 import json
 import os
@@ -178,7 +177,7 @@ def read_meta(path):
         raise UserError(f"{f}: format {meta['format']!r} is not one this version reads: write \"{FORMAT}\" "
                         f"(the layout in data.py's docstring)")
     for key in set(meta) - set(META_KEYS):                          # notes of your own are fine; a misspelled
-        near = difflib.get_close_matches(key, [k for k in META_KEYS if k not in meta], 1)   # "spec" reads as frames only
+        near = [k for k in META_KEYS if k not in meta and typo(key, k)]   # "spec" would read as frames only
         if near:
             raise UserError(f"{f}: {key!r} is not a meta.json key: did you mean {near[0]!r}? (the keys: {', '.join(META_KEYS)})")
     spec = meta.get("spec")
@@ -194,6 +193,11 @@ def read_meta(path):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UserError(f"{f}: '{key}' is {v!r}; {fix}")
     return meta
+
+
+def typo(a, b):
+    """Whether a reads as a slip of the keyboard for b: two letters swapped, or one letter wrong."""
+    return len(a) == len(b) and (sorted(a) == sorted(b) or sum(x != y for x, y in zip(a, b)) == 1)
 
 
 def good_spec(spec):

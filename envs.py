@@ -360,6 +360,13 @@ def keys_for(n_actions, meanings=None, action_dim=0):
     return {k: keys.get(k, keys.get("none", 0)) for k in KEYS}
 
 
+def time_limit(env):
+    """The wrapper of a gymnasium env that counts its steps to truncation (TimeLimit), or None."""
+    while env is not None and not hasattr(env, "_elapsed_steps"):
+        env = getattr(env, "env", None)
+    return env
+
+
 class GymEnv(Env):
     """N copies of a gymnasium environment, stepped one after another; frames resized to size x size. Discrete(n)
     actions are ids; Box(A,) actions are vectors in [-1, 1]^A, scaled to the environment's bounds. The frame is the
@@ -381,9 +388,11 @@ class GymEnv(Env):
         self.id, self.name, self.kw, self.seed = env_id, f"gym:{env_id}", {}, int(seed)
         if env_id.startswith("ALE/"):
             self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
-            self.kw = dict(repeat_action_probability=0.0)
         elif importlib.util.find_spec("ale_py"):                              # Atari's older ids (PongNoFrameskip-v4)
-            self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
+            with contextlib.suppress(UserError):                              # (a broken ale-py install: not Atari's id)
+                self.gym.register_envs(need("ale_py", f"gym:{env_id}"))
+        if "ale_py" in str(getattr(self.gym.envs.registry.get(env_id), "entry_point", "")):
+            self.kw = dict(repeat_action_probability=0.0)                    # no sticky actions: replays are exact
         self.pool = [self._make(i) for i in range(num)]                      # every copy made so far, kept
         self.envs = self.pool[:num]                                           # the copies in use
         space, u = self.envs[0].action_space, self.envs[0].unwrapped
@@ -397,6 +406,9 @@ class GymEnv(Env):
         self.keys = keys_for(self.n_actions, meanings, self.action_dim)
         self.image_obs = len(self.envs[0].observation_space.shape or ()) == 3
         self.atari = hasattr(u, "ale")                                        # states through the emulator's own clone
+        if self.atari and isinstance(getattr(u, "_frameskip", 1), tuple):
+            raise UserError(f"gym:{env_id} skips a random number of frames each step, so a replay from a saved state "
+                            f"is not exact: use its NoFrameskip-v4 or ALE/...-v5 id")
         self.frame_skip = frame_skip or self.auto_skip()
 
     def auto_skip(self):
@@ -414,6 +426,8 @@ class GymEnv(Env):
         try:
             env = self.gym.make(self.id, render_mode="rgb_array", **self.kw)
         except self.gym.error.Error as e:
+            if isinstance(e, self.gym.error.DependencyNotInstalled):         # the id is right: a package is missing
+                raise UserError(f"gym:{self.id} could not be made: {str(e).splitlines()[0][:200]}") from None
             raise UserError(f"gym:{self.id}: {str(e).splitlines()[0][:200]}; "
                             f"the id is a gymnasium id, e.g. gym:CartPole-v1, gym:ALE/Breakout-v5") from None
         except Exception as e:                                                # the game's own code: a missing module
@@ -453,9 +467,11 @@ class GymEnv(Env):
         return self.last.copy(), reward, ended & ~was, np.full(self.num, self.t >= self.max_steps), {}
 
     def _snapshot(self, e):
-        if self.atari:
-            return e.unwrapped.ale.cloneState()
-        return {k: copy.deepcopy(v) for k, v in vars(e.unwrapped).items() if k not in self.not_state}
+        """A copy's state: the game's own, and the step count of its time limit (a wrapper's, not the game's)."""
+        game = e.unwrapped.ale.cloneState() if self.atari else \
+            {k: copy.deepcopy(v) for k, v in vars(e.unwrapped).items() if k not in self.not_state}
+        limit = time_limit(e)
+        return dict(game=game, steps=limit._elapsed_steps if limit else None)
 
     not_state = ("screen", "clock", "spec", "render_mode", "isopen",              # the window, not the simulation,
                  "action_space", "observation_space")                         # nor the spaces (and their samplers)
@@ -471,10 +487,12 @@ class GymEnv(Env):
 
     def _restore(self, e, snap):
         if self.atari:
-            e.unwrapped.ale.restoreState(snap)
+            e.unwrapped.ale.restoreState(snap["game"])
         else:
-            for k, v in snap.items():
+            for k, v in snap["game"].items():
                 setattr(e.unwrapped, k, copy.deepcopy(v))
+        if time_limit(e):
+            time_limit(e)._elapsed_steps = snap["steps"]
 
     def get_state(self):
         return dict(envs=[self._snapshot(e) for e in self.envs], last=self.last.copy(), done=self.done.copy(), t=self.t)

@@ -734,11 +734,13 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
         with pytest.raises(UserError, match=match):
             train.train(train.parse_args(out + argv))
     assert ck.read_bytes() == before and not (tiny_run / "out" / "tokenizer.pt").exists()
-    tok = tmp_path / "tokenizer.pt"                                     # a file with no world model in it
+    tok, artok = tmp_path / "tokenizer.pt", tmp_path / "ar_tokenizer.pt"  # a file with no world model in it; one at 16 px
+    torch.save(dict(torch.load(ck, weights_only=True), backbone="ar"), artok)
     torch.save({k: v for k, v in torch.load(ck, weights_only=True).items() if k not in ("ema", "model")} | {"stage": "tokenizer"}, tok)
     for argv, match in ((["--tokenizer", str(ck)], "--tokenizer is for --backbone ar"), (["--out", str(ck)], "is a file"),
                         (["--init_from", str(ck), "--size", "32"], "--size 32 .* was trained with 16"),
-                        (["--backbone", "ar", "--tokenizer", str(ck), "--size", "32"], "--size 32 but --tokenizer"),
+                        (["--backbone", "ar", "--tokenizer", str(ck), "--size", "32"], "holds a 'dit' model"),
+                        (["--backbone", "ar", "--tokenizer", str(artok), "--size", "32"], "--size 32 but --tokenizer"),
                         (["--init_from", str(tok)], "holds only a tokenizer stage.*--tokenizer")):
         with pytest.raises(UserError, match=match):
             cfg = train.parse_args(argv)
@@ -1364,8 +1366,8 @@ def test_meta_json_is_checked_by_value_and_one_episode_shards_read(tmp_path):
         json.dump(dict(meta, **change), open(tmp_path / "d" / "meta.json", "w"))
         with pytest.raises(UserError, match=match):
             read_meta(str(tmp_path / "d"))
-    json.dump(dict(good, source="my robot, lab 2"), open(tmp_path / "d" / "meta.json", "w"))
-    assert read_meta(str(tmp_path / "d"))["source"] == "my robot, lab 2"
+    json.dump(dict(good, source="my robot, lab 2", frames="RGB, 10 Hz"), open(tmp_path / "d" / "meta.json", "w"))
+    assert read_meta(str(tmp_path / "d"))["source"] == "my robot, lab 2"      # notes of one's own, even near a key
     np.savez_compressed(tmp_path / "d" / "shard_000.npz", **{k: v[0] for k, v in ep.items()})   # one episode, no axis
     arrays, _ = read_folder(str(tmp_path / "d"), labelled=True)
     assert arrays["frames"].shape[0] == 1 and np.array_equal(arrays["actions"][0], ep["actions"][0])
@@ -1384,6 +1386,12 @@ def test_gym_copies_are_kept_older_atari_ids_work_and_a_broken_game_is_one_line(
     env.set_state(saved)
     env.set_state(env.tile(saved, 3))
     assert len(env.envs) == 6 and all(a is b for a, b in zip(env.pool, made)) and len(env.pool) == 6
+    from envs import time_limit                                         # a kept copy's time limit restores too: else
+    env.set_state(saved)                                                # it truncates every plan once it has stepped
+    for _ in range(3):                                                  # its limit in total
+        env.step(np.zeros(2, np.int64))
+    env.set_state(saved)
+    assert [time_limit(e)._elapsed_steps for e in env.envs] == [0, 0]
 
     def broken(**kw):
         raise ModuleNotFoundError("No module named 'jax'")

@@ -200,10 +200,12 @@ TOKENIZER_ARGS = ("size", "channels", "down", "codes", "code_dim", "tok_width") 
 def adopt_model_args(cfg):
     """The model flags a starting checkpoint fixes: all of --init_from's (frame size, context, widths), the tokenizer's
     of --tokenizer (frame size, codes). A flag given otherwise is a UserError, before the preset fills the rest."""
-    for flag, path in (("--init_from", cfg.init_from), ("--tokenizer", cfg.tokenizer)):
+    for flag, path in (("--init_from", cfg.init_from), ("--tokenizer", cfg.tokenizer if cfg.backbone == "ar" else "")):
         if not path:
             continue
         ck = read_world_model(path, flag) if flag == "--init_from" else read_checkpoint(path)
+        if ck["backbone"] != cfg.backbone:                                    # (plan_stages says which file to pass)
+            continue
         for k, v in ck["model_args"].items():
             if flag == "--tokenizer" and k not in TOKENIZER_ARGS:
                 continue
@@ -894,9 +896,12 @@ def changed_flags(cfg, prev, stage):
     if stage == "tokenizer":
         return []
     free = RESUME_FREE | ({"adapter", "freeze_backbone"} if stage == "pretrain" else set())
-    same = lambda k: mine[k] == theirs[k] or (k in ("data", "pretrain_data") and os.path.abspath(mine[k] or ".") ==
-                                              os.path.abspath(theirs[k] or "."))
-    return [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and k not in free and not same(k)]
+    folders = dict(data=prev["data"].get("folder"), pretrain_data=prev["data"].get("free_folder"))   # (absolute)
+    same = lambda k: (os.path.abspath(mine[k]) if mine[k] else "") == folders[k] if k in folders else mine[k] == theirs[k]
+    changed = [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and k not in free and not same(k)]
+    if changed and theirs.get("preset") not in (None, mine["preset"]):     # (a device change picks another preset)
+        changed.insert(0, f"--preset {mine['preset']} (the run has {theirs['preset']}: pass --preset {theirs['preset']})")
+    return changed
 
 
 def resumable(cfg, path, desc):
