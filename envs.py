@@ -491,8 +491,8 @@ class GymEnv(Env):
         else:
             for k, v in snap["game"].items():
                 setattr(e.unwrapped, k, copy.deepcopy(v))
-        if time_limit(e):
-            time_limit(e)._elapsed_steps = snap["steps"]
+        if limit := time_limit(e):
+            limit._elapsed_steps = snap["steps"]
 
     def get_state(self):
         return dict(envs=[self._snapshot(e) for e in self.envs], last=self.last.copy(), done=self.done.copy(), t=self.t)

@@ -124,11 +124,11 @@ class MBRLConfig:
         ck = read_world_model(self.init_from, "--init_from") if self.init_from else None
         init = ck["model_args"] if ck else None
         game = ":" in self.env
-        for flag, theirs in (("size", init and init["size"]), ("context", init and init["clip_len"] - 1)):
-            if init and getattr(self, flag) not in (None, theirs):
-                raise UserError(f"--{flag} {getattr(self, flag)} but --init_from {self.init_from} was trained with "
-                                f"{theirs}: drop --{flag}, or start from scratch")
         if ck:                                      # the checkpoint's model, recorded as it is (results.json)
+            for flag, theirs in (("size", init["size"]), ("context", init["clip_len"] - 1)):
+                if getattr(self, flag) not in (None, theirs):
+                    raise UserError(f"--{flag} {getattr(self, flag)} but --init_from {self.init_from} was trained with "
+                                    f"{theirs}: drop --{flag}, or start from scratch")
             self.backbone, self.width, self.depth = ck["backbone"], init["width"], init["depth"]
         if not 2 <= self.elites <= self.candidates:
             raise UserError(f"--elites {self.elites}: must be 2 or more (the refit needs a spread) and at most "

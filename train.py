@@ -892,9 +892,9 @@ RESUME_FREE = {"out", "resume", "device", "compile", "preset", "init_from", "tok
 def changed_flags(cfg, prev, stage):
     """The training flags that differ from the ones a checkpoint was trained with ('--lr 0.01 (the run has 0.001)');
     the pre-training stage has no adapter, the tokenizer's own model flags are checked by resumable()."""
-    theirs, mine = prev.get("config", {}), asdict(cfg)
     if stage == "tokenizer":
         return []
+    theirs, mine = prev.get("config", {}), asdict(cfg)
     free = RESUME_FREE | ({"adapter", "freeze_backbone"} if stage == "pretrain" else set())
     folders = dict(data=prev["data"].get("folder"), pretrain_data=prev["data"].get("free_folder"))   # (absolute)
     same = lambda k: (os.path.abspath(mine[k]) if mine[k] else "") == folders[k] if k in folders else mine[k] == theirs[k]
