@@ -94,8 +94,6 @@ class MBRLConfig:
                                      "games, as train.py's games preset: their controlled objects are a few pixels)", AT_LEAST_0)
     model_alpha: float = opt(1.0, "world-model replay: clips drawn with P ∝ (one-step error)^a; 0: uniform", AT_LEAST_0)
     update_iters: int = opt(300, "world-model iterations per round", AT_LEAST_0)
-    dream_reward: float = opt(0.0, "after each fit, this share of its iterations trains the reward head on the model's "
-                                   "imagined frames too (Agent.tune_reward); 0: on real frames only", AT_LEAST_0)
     value_iters: int = opt(30, "value-function TD updates per round (and after the first fit); 0: no terminal value", AT_LEAST_0)
     batch_size: int = opt(32, "batch size of every update", AT_LEAST_1)
     lr: float = opt(1e-3, "learning rate of every update", ABOVE_0)
@@ -207,13 +205,6 @@ class Value(FrameNet):
 
 # ----------------------------------------------------------------------------------------------
 # actions and the planner: CEM over action sequences, Gaussian (continuous) or categorical (discrete)
-
-def transitions(clips, i, frames=None):
-    """(s, a, r, end) of the transition out of frame i of each clip (ClipSampler): the frame (or `frames` in its place),
-    the action taken there (it leads into frame i + 1), the reward and the episode end that followed."""
-    s = clips["frames"][:, i] if frames is None else frames
-    return s, clips["actions"][:, i + 1], clips["rewards"][:, i + 1], clips["ends"][:, i + 1]
-
 
 def random_actions(spec, shape, g):
     """Uniformly random actions of a leading shape, on the generator's device: ids, or vectors in [-1, 1]^A."""
@@ -356,28 +347,9 @@ class Agent:
             idx, _ = self.replay.sample(self.cfg.batch_size)
             b = wm_clips.clips(episode[idx], start[idx])
             loss = self.model_step(b["frames"].to(self.device), b["actions"].to(self.device), idx)
-            loss_r = self.reward_step(*transitions(pairs.sample(self.cfg.batch_size), 0))
+            loss_r = self.reward_step(pairs.sample(self.cfg.batch_size))
         self.wm.eval()
-        self.tune_reward(buffer, int(self.cfg.dream_reward * iters), rng_seed + 2)
         return loss.item(), loss_r.item()
-
-    def tune_reward(self, buffer, iters, rng_seed):
-        """The reward head where the planner reads it: r_hat(s_h, a_h) is read on the model's frames s_h, imagined
-        h = 1..H-1 steps from a real state. So after a fit the head also learns on such frames: each batch is half
-        real transitions, half frames the model imagined d ~ U{1..H-1} steps from a real state under the real
-        actions, paired with the real action and reward that followed (the diagnostic behind it: docs/mbrl_notes.md)."""
-        k, B = self.wm.backbone.cfg.clip_len - 1, self.cfg.batch_size
-        D = min(self.cfg.horizon - 1, int(buffer["lengths"].max()) - k - 2)    # a clip starts at frame 1 or later
-        if D < 1 or iters < 1:
-            return
-        clips, pairs = ClipSampler(buffer, k + D + 1, seed=rng_seed), ClipSampler(buffer, 2, seed=rng_seed + 1)
-        for _ in tqdm(range(iters), desc="reward head on the model's frames", unit="it", disable=None, leave=False):
-            c, d = clips.sample(B), int(clips.rng.integers(1, D + 1))
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                s = rollout(self.plan_wm, c["frames"][:, :k].to(self.device), c["actions"][:, :k + d].to(self.device),
-                            steps=self.cfg.plan_steps, temperature=0.0, generator=self.g)[:, -1].float()
-            real, dreamed = transitions(pairs.sample(B), 0), transitions(c, k + d - 1, s)
-            self.reward_step(*(torch.cat([x.to(self.device), y.to(self.device)]) for x, y in zip(real, dreamed)))
 
     def model_step(self, frames, actions, idx):
         self.wm.train()
@@ -388,12 +360,11 @@ class Agent:
             self.replay.update(idx, self.one_step_error(frames, actions).cpu().numpy())
         return loss.detach()
 
-    def reward_step(self, s, a, r, end):
-        """One update of the reward head on transitions: frames s (B, C, S, S), the actions a taken there, the rewards
-        r and episode ends that followed."""
-        dev = self.device
-        r_hat, end_hat = self.reward(s.to(dev), a.to(dev))
-        loss = F.mse_loss(r_hat, r.to(dev)) + F.binary_cross_entropy_with_logits(end_hat, end.float().to(dev))
+    def reward_step(self, p):
+        x = p["frames"].to(self.device)
+        r, end = self.reward(x[:, 0], p["actions"][:, 1].to(self.device))   # actions[:, 1] leads x0 -> x1
+        loss = F.mse_loss(r, p["rewards"][:, 1].to(self.device)) + \
+            F.binary_cross_entropy_with_logits(end, p["ends"][:, 1].float().to(self.device))
         self.opt_r.zero_grad(set_to_none=True); loss.backward(); self.opt_r.step()
         return loss.detach()
 

@@ -942,48 +942,6 @@ def test_world_model_replay_keeps_one_priority_per_clip_in_buffer_order():
     assert len(agent.replay.p) == 6 * 7 and np.all(agent.replay.p[28:] == want.max())
 
 
-def test_reward_head_tuned_on_imagined_frames_pairs_each_with_the_action_and_reward_that_followed(monkeypatch):
-    """--dream_reward: after a fit, the reward head also learns on frames the model imagined from real states under the
-    real actions. Each frame here encodes its (episode, step) and a stand-in 'perfect model' looks the future up, so the
-    rollout must get the real actions, and every imagined frame must come with the action taken there and its reward."""
-    import mbrl
-    from data import to_float
-    E, L, k, H = 3, 12, 1, 5
-    code = lambda e, t: 10 + e * L + t                                     # frame (e, t): every pixel this grey level
-    buf = dict(frames=np.array([[np.full((16, 16, 3), code(e, t), np.uint8) for t in range(L)] for e in range(E)]),
-               actions=np.array([[(e + t) % 5 for t in range(L - 1)] for e in range(E)]),
-               rewards=np.array([[100.0 * e + t for t in range(L - 1)] for e in range(E)], np.float32),
-               ends=np.zeros((E, L - 1), bool), lengths=np.full(E, L))
-    where = lambda x: divmod(int(round((float(x.flatten()[0]) + 1) * 127.5)) - 10, L)   # a frame's (episode, step)
-    rolled = []
-
-    def perfect_model(model, context, actions, **kw):
-        d = actions.shape[1] - k
-        out = []
-        for c, a in zip(context, actions):
-            e, t = where(c[-1])
-            assert [int(x) for x in a[k:]] == list(buf["actions"][e, t:t + d])   # the actions out of the context frame
-            out.append(to_float(buf["frames"][e, t + 1:t + 1 + d]))
-        rolled.append(d)
-        return torch.stack(out)
-    monkeypatch.setattr(mbrl, "rollout", perfect_model)
-    agent = mbrl.Agent(mbrl.MBRLConfig(env="coin", width=32, depth=1, compile=False, horizon=H, batch_size=8),
-                       SPECS["coin"], "cpu", 0)
-    seen = []
-    agent.reward_step = lambda s, a, r, end: seen.append((s, a, r)) or torch.tensor(0.0)
-    agent.tune_reward(buf, 6, 0)
-    assert len(seen) == 6 and set(rolled) <= set(range(1, H)) and len(rolled) == 6
-    for s, a, r in seen:
-        assert len(s) == 16                                                 # half real, half imagined
-        for x, ai, ri in zip(s, a, r):
-            e, t = where(x)
-            assert int(ai) == buf["actions"][e, t] and float(ri) == buf["rewards"][e, t]
-    seen.clear()
-    agent.cfg.dream_reward = 0.0
-    agent.fit(buf, 2, 0)
-    assert [len(s) for s, _, _ in seen] == [8, 8]                          # off: real transitions only
-
-
 def test_agent_clone_is_independent():
     """--imagination both continues each kind from a clone of one fitted agent: same scores, separate training."""
     from mbrl import Agent, MBRLConfig
