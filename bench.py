@@ -105,8 +105,8 @@ def rollout_rates(kind, preset, device, batch, frames=8, caches=(True,), rounds=
     """Frames per second of a rollout of `frames` frames for `batch` worlds at once (default sampler: 4 Euler steps
     for the DiT, greedy codes for the GPT), with and/or without the context cache: one rate per entry of `caches`.
     With several, the variants are timed in turn, `rounds` times each, and each keeps its fastest round: a machine
-    whose speed drifts (this 2-core CPU's moves by half from minute to minute) then slows them alike, and their
-    ratio is the cache's own."""
+    whose speed drifts (a shared virtual machine's can move by half from minute to minute) then slows them alike,
+    and their ratio is the cache's own."""
     model, p = preset_model(kind, preset, device)
     model.eval()
     k, S = model.backbone.cfg.clip_len - 1, model.backbone.cfg.size
@@ -171,7 +171,9 @@ def preset_rates(kind, preset, device, amp, peak, nominal):
         rates = rollout_rates(kind, preset, device, b, caches=(True, False) if dit else (True,), rounds=rounds if dit else 1)
         r.update(zip([f"rollout_fps_b{b}", f"rollout_fps_b{b}_nocache"], rates))
     r["play_fps"], = rollout_rates(kind, preset, device, 1, frames=1)
-    return {c: round(v, 1) for c, v in r.items()}
+    for b in (1, 32) if dit else ():
+        r[f"cache_gain_b{b}"] = r[f"rollout_fps_b{b}"] / r[f"rollout_fps_b{b}_nocache"]
+    return {c: round(v, 2 if c.startswith("cache_gain") else 1) for c, v in r.items()}
 
 
 def show(rows):
@@ -181,8 +183,8 @@ def show(rows):
     print(f"{'model/preset':14s}" + "".join(f"{c:>{max(len(c), 8) + 2}s}" for c in cols))
     for name, r in rows["runs"].items():
         print(f"{name:14s}" + "".join(f"{r.get(c, '-')!s:>{max(len(c), 8) + 2}s}" for c in cols))
-    gains = [f"{name} {r[f'rollout_fps_b{b}'] / r[f'rollout_fps_b{b}_nocache']:.2f}x at batch {b}"
-             for name, r in rows["runs"].items() for b in (1, 32) if f"rollout_fps_b{b}_nocache" in r]
+    gains = [f"{name} {r[f'cache_gain_b{b}']:.2f}x at batch {b}"
+             for name, r in rows["runs"].items() for b in (1, 32) if f"cache_gain_b{b}" in r]
     if gains:
         print("the DiT's context cache (rollouts, frames/s with it over without): " + ", ".join(gains))
     print(f"one MPC decision (one world, mbrl.py defaults, 32 candidates x horizon 5): {rows['mpc_ms_default']} ms | "

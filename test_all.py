@@ -306,6 +306,23 @@ def test_dit_predicting_only_the_last_frames_changes_no_output(depth):
     assert forward_flops(bb, 3, last=1) < forward_flops(bb, 3)
 
 
+def test_bench_times_the_cache_and_no_cache_in_turn_and_keeps_each_ones_best(monkeypatch, capsys):
+    """bench.py's rollout columns (timings stubbed): the DiT's cached and uncached rollouts are timed round by round
+    and each keeps its fastest round, so a machine that slows down midway slows both; the GPT has no uncached column."""
+    import bench
+    rounds = {True: iter([4.0, 1.0, 3.0, 2.0] * 3), False: iter([5.0, 2.0, 6.0, 9.0] * 3)}
+    timed = lambda fn, device, repeat, warmup=2: next(rounds[fn.__defaults__[0]]) if fn.__defaults__ else 1.0
+    monkeypatch.setattr(bench, "timed", timed)
+    monkeypatch.setattr(bench, "train_step", lambda *a, **kw: (0.5, 10, 100, 1e9))
+    dev = torch.device("cpu")
+    dit, ar = (bench.preset_rates(kind, "tiny", dev, None, 1e10, None) for kind in ("dit", "ar"))
+    assert dit["rollout_fps_b1"] == 8.0 and dit["rollout_fps_b1_nocache"] == 4.0 and dit["cache_gain_b1"] == 2.0
+    assert dit["cache_gain_b32"] == 2.0 and not any("nocache" in c or "gain" in c for c in ar)
+    bench.show(dict(device="cpu", matmul_peak_gflops=10.0, nominal=None, runs={"dit/tiny": dit, "ar/tiny": ar},
+                    mpc_ms_default=1.0, mpc_ms_256x8=2.0, peak_memory_mb=3.0))
+    assert "dit/tiny 2.00x at batch 1, dit/tiny 2.00x at batch 32" in capsys.readouterr().out
+
+
 def test_tokenizer_round_trip():
     """A few hundred steps on a handful of frames: the codes decode back to the frames (above 20 dB; an untrained
     tokenizer scores about 9 dB), and the codebook is used."""
