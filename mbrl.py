@@ -2,6 +2,7 @@
 
     python mbrl.py                              # coin: MPC in the learned model vs random vs MPC in the true world
     python mbrl.py --env pusher --seeds 3       # mean and spread over seeds
+    python mbrl.py --env pusher --seeds 3 --first_seed 3   # seeds 3-5, to extend that study
     python mbrl.py --imagination both           # prioritized vs uniform imagination, same seeds, one plot
     python mbrl.py --init_from out/ckpt.pt      # start from a world model trained by train.py
     python mbrl.py --bench 10 --candidates 256 --horizon 8   # the time of one MPC decision, nothing trained
@@ -70,7 +71,9 @@ class MBRLConfig:
     env: str = opt("coin", "coin, pusher (built in), gym:<id> (e.g. gym:CartPole-v1), procgen:<game>")
     backbone: str = opt("dit", "world-model backbone: " + ", ".join(BACKBONES) + " (ignored with --init_from)")
     imagination: str = opt("prioritized", "start states of imagined rollouts: prioritized | uniform | both")
-    seeds: int = opt(1, "independent runs (seeds 0..N-1): curves show their mean and spread", AT_LEAST_1)
+    seeds: int = opt(1, "independent runs (seeds first_seed..first_seed+N-1): curves show their mean and spread", AT_LEAST_1)
+    first_seed: int = opt(0, "the first seed: adds seeds to an earlier study (seed s is the same run whatever came before)",
+                          AT_LEAST_0)
     out: str = opt("out_mbrl", "output folder: results.json, curves.png, mbrl.log")
     init_from: str = opt("", "a train.py checkpoint to start the world model from (its frame size is used)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -753,13 +756,14 @@ def main(cfg):
         logf.write(msg + "\n"); logf.flush()
     if cfg.bench:
         return bench(cfg, spec, device, why, log)
-    log(f"device: {why} | world '{cfg.env}' | imagination {cfg.imagination} | seeds {cfg.seeds} | out {cfg.out}")
+    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    log(f"device: {why} | world '{cfg.env}' | imagination {cfg.imagination} | seeds {seeds[0]}..{seeds[-1]} | out {cfg.out}")
     t_start = time.time()
     methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds[cfg.imagination]}
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
     bar = tqdm(total=cfg.seeds * len(kinds[cfg.imagination]) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
     dec = []
-    for seed in range(cfg.seeds):
+    for seed in seeds:
         for kind, (curve, times, wall) in run_seed(cfg, seed, kinds[cfg.imagination], spec, device, log, bar).items():
             m = methods[f"model_mpc_{kind}"]
             m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
@@ -774,7 +778,7 @@ def main(cfg):
     for m in methods.values():
         m["normalized"] = normalized(np.mean(m["final"]), R_rand, R_orc)
     first = next(iter(methods.values()))
-    results = dict(normalized=first["normalized"], env=cfg.env, imagination=cfg.imagination, seeds=cfg.seeds,
+    results = dict(normalized=first["normalized"], env=cfg.env, imagination=cfg.imagination, seeds=list(seeds),
                    methods={**methods, **base}, decision_ms=round(1000 * float(np.mean(dec)), 1),
                    decision_note=f"one MPC decision for {cfg.eval_episodes} worlds at once, {cfg.candidates} candidates "
                                  f"x {cfg.cem_iters} CEM iterations, horizon {cfg.horizon}, on {why}",

@@ -1078,10 +1078,10 @@ def test_value_is_trained_on_imagined_states():
 
 
 def test_mbrl_runs_end_to_end(tmp_path):
-    r = run("mbrl.py", "--env", "pusher", "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2",
-            "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3", "--update_iters", "2",
-            "--value_iters", "2", "--eval_episodes", "2", "--candidates", "8", "--elites", "2", "--episode_len", "6",
-            "--compile", "false")
+    args = ("--env", "pusher", "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3",
+            "--update_iters", "2", "--value_iters", "2", "--eval_episodes", "2", "--candidates", "8", "--elites", "2",
+            "--episode_len", "6", "--compile", "false")
+    r = run("mbrl.py", *args, "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(tmp_path / "m" / "results.json"))
     assert {"model_mpc_prioritized", "model_mpc_uniform", "random", "oracle_mpc"} <= set(res["methods"])
@@ -1089,6 +1089,10 @@ def test_mbrl_runs_end_to_end(tmp_path):
     assert len(m["curves"]) == 2 and len(m["curves"][0]) == 2 and m["env_steps"][0][1] > m["env_steps"][0][0]
     assert "normalized" in res and res["decision_ms"] > 0
     assert (tmp_path / "m" / "curves.png").stat().st_size > 1000
+    r = run("mbrl.py", *args, "--out", str(tmp_path / "s1"), "--imagination", "prioritized", "--first_seed", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s1 = json.load(open(tmp_path / "s1" / "results.json"))                 # seed 1 alone is the second seed of two
+    assert s1["seeds"] == [1] and s1["methods"]["model_mpc_prioritized"]["curves"] == [m["curves"][1]]
     bad = run("mbrl.py", "--env", "nowhere", "--out", str(tmp_path / "n"))
     assert bad.returncode != 0 and "unknown environment" in bad.stderr and "Traceback" not in bad.stderr
 
