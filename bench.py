@@ -1,6 +1,6 @@
 """bench.py — how fast each part runs, against what this machine can do.
 
-    python bench.py                  # the table for the CPU preset (the GPU preset too on CUDA); JSON in bench.json
+    python bench.py                  # the table for the tiny and games presets (gpu too on CUDA); JSON in bench.json
     python bench.py --curves         # also cost curves as PNG: training cost against clip length, rollout ms per
                                      # frame against its position (with and without caching), MPC time against candidates
     python bench.py --profile train  # only where one DiT training step spends its time, operator by operator

@@ -18,7 +18,7 @@ denoise_frames = n > 1, k is drawn from T-n..T-1, so the model also learns "seve
 from noisy neighbours" (rollout(chunk=n)). That costs: the DiT predicts each frame as a change to the
 one before it (model.py), so a frame after a noisy one must also undo its neighbour's noise, and on
 64x64 Breakout those frames took nearly all of the loss (0.046 against 0.0004 for next-frame clips
-after 450 pre-training iterations) and most of the control (README: Real games).
+late in pre-training, 450-500 iterations in) and most of the control (README: Real games).
 
 Motion-reinforced loss (the paper's), our exact form. For frame i >= 1 of the ground truth:
 

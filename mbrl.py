@@ -465,7 +465,7 @@ class Agent:
         batch (flat). Both score each candidate by the model's frames under its actions; they differ in the noise the
         frames start from (the tree draws one per action prefix, flat one per world). One decision on coin at 256
         candidates x horizon 8, untrained weights: 2-core CPU, not compiled, tree 260 ms, flat 2,220 ms; H200, bf16,
-        tree 277 ms, flat 69 ms, flat compiled with CUDA graphs 22 ms (README, Speed)."""
+        tree 277 ms, flat 69 ms, flat compiled with CUDA graphs 22 ms (docs/gpu_h200.md)."""
         return self.score(to_float(obs, self.device), prev_action, cand, g, memo if self.tree else None)
 
     # --- the value, by TD in imagination

@@ -99,7 +99,8 @@ class TrainConfig:
     n_labelled: int = opt(None, "episodes in the action-labelled corpus", AT_LEAST_1)
     episode_len: int = opt(None, "steps per generated episode", AT_LEAST_2)
     frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (about 25 actions a "
-                             "second of game time for rendered games such as CartPole: 2; 1 for Atari, which skips 4)", AT_LEAST_0)
+                             "second of game time for rendered games such as CartPole: 2; 1 for Atari v5 ids, which skip 4 "
+                             "themselves; 4 for NoFrameskip-v4 ids)", AT_LEAST_0)
     # --- the rest
     warmup: int = opt(100, "learning-rate warm-up iterations", AT_LEAST_0)
     min_lr_frac: float = opt(0.1, "cosine decay ends at lr * this", FRACTION)
