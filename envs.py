@@ -86,6 +86,59 @@ def check_out_file(path, flag, ext):
         raise UserError(f"{flag} {path}: no folder '{os.path.dirname(path)}' to write into: create it first")
 
 
+@contextlib.contextmanager
+def claimed(folder):
+    """Mark `folder` as written by this process while the block runs (`folder/.running` holds its pid), so that a
+    second run started into the same folder stops with a UserError instead of overwriting the first one's files.
+    A mark whose process is gone (a run killed outright) is taken over. The mark appears whole or not at all: it is
+    written aside and linked into place, which fails where a mark exists."""
+    os.makedirs(folder, exist_ok=True)
+    mark, mine = os.path.join(folder, ".running"), os.path.join(folder, f".running.{os.getpid()}")
+    with open(mine, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, mark)
+                break
+            except FileExistsError:
+                pid = marked_pid(mark)
+                if pid is not None and pid != os.getpid() and process_alive(pid):
+                    raise UserError(f"another run (process {pid}) is writing to {folder}: let it finish, stop it, or "
+                                    f"pass another --out (if no run is writing there, delete {mark})") from None
+                os.remove(mark)                              # unreadable, ours, or left by a process that is gone
+        else:
+            raise UserError(f"cannot mark {folder} as in use: delete {mark} and start again")
+    finally:
+        os.remove(mine)
+    try:
+        yield
+    finally:
+        if marked_pid(mark) == os.getpid():
+            os.remove(mark)
+
+
+def marked_pid(mark):
+    try:
+        with open(mark) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid):
+    """Whether a process with this id runs (on Windows, where os.kill would end it, every mark counts as alive)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                  # someone else's process
+        return True
+    return True
+
+
 class Env:
     """What every environment shares: its size, its action space (spec), action checks, random actions."""
     name = ""

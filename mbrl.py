@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, check_size, make_env, run_cli
+from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, check_size, claimed, make_env, run_cli
 from data import ClipSampler, DataConfig, generate_episodes, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
@@ -756,15 +756,21 @@ def main(cfg):
         logf.write(msg + "\n"); logf.flush()
     if cfg.bench:
         return bench(cfg, spec, device, why, log)
+    with claimed(cfg.out):                                                # one run writes to a folder at a time
+        return study(cfg, spec, device, why, log, kinds[cfg.imagination])
+
+
+def study(cfg, spec, device, why, log, kinds):
+    """Every seed's learned-model runs (one per imagination kind) and baselines -> results.json, curves.png."""
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
     log(f"device: {why} | world '{cfg.env}' | imagination {cfg.imagination} | seeds {seeds[0]}..{seeds[-1]} | out {cfg.out}")
     t_start = time.time()
-    methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds[cfg.imagination]}
+    methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds}
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
-    bar = tqdm(total=cfg.seeds * len(kinds[cfg.imagination]) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
+    bar = tqdm(total=cfg.seeds * len(kinds) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
     dec = []
     for seed in seeds:
-        for kind, (curve, times, wall) in run_seed(cfg, seed, kinds[cfg.imagination], spec, device, log, bar).items():
+        for kind, (curve, times, wall) in run_seed(cfg, seed, kinds, spec, device, log, bar).items():
             m = methods[f"model_mpc_{kind}"]
             m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
             m["final"].append(curve[-1][1]); m["wall_s"].append(round(wall, 1))

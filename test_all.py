@@ -707,6 +707,37 @@ def test_two_processes_train_like_one(tmp_path):
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
+def test_a_folder_takes_one_run_at_a_time(tiny_run, tmp_path):
+    """A run marks its --out folder (.running, its pid) while it writes there: a second train.py or mbrl.py into the
+    same folder is refused while the first process lives and nothing is written; a mark left by a process that is
+    gone (killed outright) is taken over; a run removes its mark when it ends, stopped or not."""
+    import subprocess
+    import mbrl
+    import train
+    from envs import claimed
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])      # a live process, not us
+    try:
+        for folder in (tmp_path / "t", tmp_path / "m"):
+            folder.mkdir()
+            (folder / ".running").write_text(str(other.pid))
+        with pytest.raises(UserError, match=f"another run \\(process {other.pid}\\) is writing to"):
+            train.train(train.parse_args(["--out", str(tmp_path / "t"), "--max_iters", "2", *TINY_FLAGS,
+                                          "--data_dir", str(tiny_run / "data")]))
+        with pytest.raises(UserError, match="another run"):
+            mbrl.main(mbrl.parse_args(["--out", str(tmp_path / "m")]))
+        assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [".running"]      # no log, no checkpoint
+        assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [".running", "mbrl.log"]
+        assert (tmp_path / "m" / "mbrl.log").read_text() == ""
+    finally:
+        other.kill(); other.wait()
+    with claimed(tmp_path / "t"):                                         # its process is gone now: taken over
+        assert (tmp_path / "t" / ".running").read_text() == str(os.getpid())
+    assert not (tmp_path / "t" / ".running").exists()
+    with pytest.raises(KeyboardInterrupt), claimed(tmp_path / "s"):
+        raise KeyboardInterrupt                                           # a stopped run leaves no mark either
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == []
+
+
 def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_path):
     def bad(*args, match):
         r = run(*args)

@@ -17,6 +17,7 @@ Stages and the files they write in --out:
     all        pretrain, then finetune (the default)
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, keys_for, locate_agent,
+from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, claimed, keys_for, locate_agent,
                   make_env, run_cli)
 from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_meta, spread_clips, to_float, to_uint8
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
@@ -989,16 +990,17 @@ def train(cfg):
     stages, files, init, tok_from = plan_stages(cfg)
     desc = describe(cfg, init, tok_from)
     os.makedirs(cfg.out, exist_ok=True)
-    log = Logger(cfg.out, dist.main)
-    log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env or cfg.data}' | stages {' -> '.join(stages)} | "
-        f"out {cfg.out}" + (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
-    try:
-        m = run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log)
-    except UserError as e:                            # the log says why the run stopped, as the terminal does
-        if dist.main:
-            with open(log.path, "a") as f:
-                f.write(f"error: {e}\n")
-        raise
+    with claimed(cfg.out) if dist.main else contextlib.nullcontext():    # one run writes to a folder at a time
+        log = Logger(cfg.out, dist.main)
+        log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env or cfg.data}' | stages "
+            f"{' -> '.join(stages)} | out {cfg.out}" + (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
+        try:
+            m = run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log)
+        except UserError as e:                        # the log says why the run stopped, as the terminal does
+            if dist.main:
+                with open(log.path, "a") as f:
+                    f.write(f"error: {e}\n")
+            raise
     dist.close()
     return m
 
