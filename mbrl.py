@@ -278,10 +278,12 @@ def new_world_model(cfg, spec, device):
     """The world model: a train.py checkpoint (--init_from), or a small DiT/GPT with the film adapter at --size."""
     if cfg.init_from:
         wm, ck = load_model(cfg.init_from, device, ema=True, flag="--init_from")
-        if ck["spec"] != spec:
-            raise UserError(f"--init_from {cfg.init_from} was trained on '{ck['data']['env']}' actions, not '{cfg.env}'s")
         if wm.adapter is None:
             raise UserError(f"--init_from {cfg.init_from} has no action adapter: pass a finetune/scratch checkpoint")
+        space = lambda sp: {k: sp[k] for k in ("discrete", "n_actions", "action_dim")}   # the keys only play it
+        if space(ck["spec"]) != space(spec):
+            raise UserError(f"--init_from {cfg.init_from} was trained on the actions of '{ck['data']['env']}' "
+                            f"({space(ck['spec'])}), not those of '{cfg.env}' ({space(spec)})")
         return wm.train(), ck["backbone"], ck["model_args"]
     cls, mcls = BACKBONES[cfg.backbone]
     kw = dict(size=cfg.size, width=cfg.width, depth=cfg.depth, heads=4, clip_len=cfg.context + 1)

@@ -782,6 +782,14 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
         with pytest.raises(UserError, match=match):
             train.train(train.parse_args(out + argv))
     assert ck.read_bytes() == before and not (tiny_run / "out" / "tokenizer.pt").exists()
+    metrics = (tiny_run / "out" / "metrics.json").read_bytes()            # resuming only the finished pretrain stage
+    with pytest.raises(UserError, match="holds the evaluation of the stages pretrain -> finetune"):
+        train.train(train.parse_args(out + ["--max_iters", "3", "--stage", "pretrain"]))   # would write over it
+    assert (tiny_run / "out" / "metrics.json").read_bytes() == metrics
+    import mbrl
+    pre = str(tiny_run / "out" / "pretrain.pt")                         # a backbone with no adapter cannot plan
+    with pytest.raises(UserError, match="has no action adapter"):
+        mbrl.new_world_model(mbrl.parse_args(["--init_from", pre]), make_env("coin").spec, "cpu")
     tok, artok = tmp_path / "tokenizer.pt", tmp_path / "ar_tokenizer.pt"  # a file with no world model in it; one at 16 px
     torch.save(dict(torch.load(ck, weights_only=True), backbone="ar"), artok)
     torch.save({k: v for k, v in torch.load(ck, weights_only=True).items() if k not in ("ema", "model")} | {"stage": "tokenizer"}, tok)
@@ -1363,6 +1371,14 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
     write_folder(str(tmp_path / "ok"), iter([ep]), "coin", 16, spec)
     arrays, meta = read_folder(str(tmp_path / "ok"), labelled=True)
     assert meta["env"] == "coin" and all(np.array_equal(arrays[k], ep[k]) for k in ep)
+    import train                                     # a meta.json without the optional keys: the named world's
+    nokeys = json.load(open(tmp_path / "ok" / "meta.json"))
+    del nokeys["spec"]["keys"]
+    (tmp_path / "nk").mkdir()
+    json.dump(nokeys, open(tmp_path / "nk" / "meta.json", "w"))
+    assert train.action_spec(train.parse_args(["--data", str(tmp_path / "nk")]))["keys"] == spec["keys"]
+    json.dump(dict(nokeys, env="mine"), open(tmp_path / "nk" / "meta.json", "w"))   # unknown: by convention
+    assert train.action_spec(train.parse_args(["--data", str(tmp_path / "nk")]))["keys"] == keys_for(5)
     short = {k: v[:, :4 - (k != "frames")] if k != "lengths" else np.minimum(v, 4) for k, v in ep.items()}   # shorter
     np.savez_compressed(tmp_path / "ok" / "shard_001.npz", **short)
     arrays, _ = read_folder(str(tmp_path / "ok"), labelled=True, size=32)   # padded and resized

@@ -832,12 +832,24 @@ def plan_stages(cfg):
             if changed and (unfinished or stage == stages[-1]):               # it would go on, or end the run, without them
                 raise UserError(f"{files[stage]} was trained with other flags: {', '.join(changed)}: pass the run's own, "
                                 f"or start another --out from it (--init_from)")
+    done = os.path.join(cfg.out, "metrics.json")                            # an evaluation this run would write over
+    if cfg.resume and os.path.exists(done) and read_json(done).get("stages", stages) != stages:
+        raise UserError(f"{done} holds the evaluation of the stages {' -> '.join(read_json(done)['stages'])}, not "
+                        f"{' -> '.join(stages)}: pass the run's own --stage, or start another --out from it (--init_from)")
     if stages == ["finetune"] and init is None:
         pre = os.path.join(cfg.out, "pretrain.pt")
         if not os.path.exists(pre):
             raise UserError(f"the finetune stage needs a pre-trained backbone: pass --init_from CKPT or run --stage pretrain first (no {pre})")
         init = read_checkpoint(pre)
     return stages, files, init, tok_from
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}): move it away, or pass another --out") from None
 
 
 def describe(cfg, init, tok_from):
@@ -866,7 +878,19 @@ def action_spec(cfg):
             raise UserError(f"{cfg.data} holds no action spec (meta.json): fine-tuning needs labelled episodes; a folder "
                             f"of videos pre-trains (--pretrain_data, or --stage pretrain)")
         return dict(discrete=True, n_actions=1, action_dim=0, keys={})
-    return dict(spec, keys=spec.get("keys") or keys_for(spec["n_actions"], None, spec["action_dim"]))
+    keys = spec.get("keys") or named_keys(read_meta(cfg.data).get("env"), spec)
+    return dict(spec, keys=keys or keys_for(spec["n_actions"], None, spec["action_dim"]))
+
+
+def named_keys(env, spec):
+    """The keys of the environment a data folder names (meta.json "env"), where it can be made here and its actions
+    are the folder's; else None (and the keys follow the convention of keys_for)."""
+    try:
+        own = make_env(env).spec if env else None
+    except UserError:                                   # not a world or game this machine can make
+        return None
+    same = own is not None and all(own[k] == spec.get(k) for k in ("discrete", "n_actions", "action_dim"))
+    return own["keys"] if same else None
 
 
 def stage_iters(cfg, stage):
