@@ -833,8 +833,9 @@ def plan_stages(cfg):
                 raise UserError(f"{files[stage]} was trained with other flags: {', '.join(changed)}: pass the run's own, "
                                 f"or start another --out from it (--init_from)")
     done = os.path.join(cfg.out, "metrics.json")                            # an evaluation this run would write over
-    if cfg.resume and os.path.exists(done) and read_json(done).get("stages", stages) != stages:
-        raise UserError(f"{done} holds the evaluation of the stages {' -> '.join(read_json(done)['stages'])}, not "
+    evaluated = read_json(done).get("stages", stages) if cfg.resume and os.path.exists(done) else stages
+    if evaluated != stages:
+        raise UserError(f"{done} holds the evaluation of the stages {' -> '.join(evaluated)}, not "
                         f"{' -> '.join(stages)}: pass the run's own --stage, or start another --out from it (--init_from)")
     if stages == ["finetune"] and init is None:
         pre = os.path.join(cfg.out, "pretrain.pt")
@@ -872,13 +873,14 @@ def action_spec(cfg):
     the meta.json of the --data folder (a frames-only run has none and needs none)."""
     if not cfg.data:
         return make_env(cfg.env).spec
-    spec = read_meta(cfg.data).get("spec")
+    meta = read_meta(cfg.data)
+    spec = meta.get("spec")
     if spec is None:
         if cfg.stage != "pretrain":
             raise UserError(f"{cfg.data} holds no action spec (meta.json): fine-tuning needs labelled episodes; a folder "
                             f"of videos pre-trains (--pretrain_data, or --stage pretrain)")
         return dict(discrete=True, n_actions=1, action_dim=0, keys={})
-    keys = spec.get("keys") or named_keys(read_meta(cfg.data).get("env"), spec)
+    keys = spec.get("keys") or named_keys(meta.get("env"), spec)
     return dict(spec, keys=keys or keys_for(spec["n_actions"], None, spec["action_dim"]))
 
 
