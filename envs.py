@@ -78,6 +78,11 @@ def check_size(size, flag=""):
         raise UserError(f"{flag}frame size {size} is not supported: use a multiple of 8, at least 16 (32 or 64)")
 
 
+def action_space(spec):
+    """A spec's action space without its key map (the keys only play it): what two specs must share."""
+    return {k: spec.get(k) for k in ("discrete", "n_actions", "action_dim")}
+
+
 def check_out_file(path, flag, ext):
     """A file a run will write, checked before the work that fills it: its kind, and a folder to put it in."""
     if not path.lower().endswith(ext):

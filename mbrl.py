@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, check_size, claimed, make_env, run_cli
+from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, action_space, check_size, claimed, make_env, run_cli
 from data import ClipSampler, DataConfig, generate_episodes, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
@@ -280,10 +280,9 @@ def new_world_model(cfg, spec, device):
         wm, ck = load_model(cfg.init_from, device, ema=True, flag="--init_from")
         if wm.adapter is None:
             raise UserError(f"--init_from {cfg.init_from} has no action adapter: pass a finetune/scratch checkpoint")
-        space = lambda sp: {k: sp[k] for k in ("discrete", "n_actions", "action_dim")}   # the keys only play it
-        if space(ck["spec"]) != space(spec):
+        if action_space(ck["spec"]) != action_space(spec):
             raise UserError(f"--init_from {cfg.init_from} was trained on the actions of '{ck['data']['env']}' "
-                            f"({space(ck['spec'])}), not those of '{cfg.env}' ({space(spec)})")
+                            f"({action_space(ck['spec'])}), not those of '{cfg.env}' ({action_space(spec)})")
         return wm.train(), ck["backbone"], ck["model_args"]
     cls, mcls = BACKBONES[cfg.backbone]
     kw = dict(size=cfg.size, width=cfg.width, depth=cfg.depth, heads=4, clip_len=cfg.context + 1)

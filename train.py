@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, claimed, keys_for, locate_agent,
+from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, action_space, claimed, keys_for, locate_agent,
                   make_env, run_cli)
 from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_meta, spread_clips, to_float, to_uint8
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
@@ -891,8 +891,7 @@ def named_keys(env, spec):
         own = make_env(env).spec if env else None
     except UserError:                                   # not a world or game this machine can make
         return None
-    same = own is not None and all(own[k] == spec.get(k) for k in ("discrete", "n_actions", "action_dim"))
-    return own["keys"] if same else None
+    return own["keys"] if own is not None and action_space(own) == action_space(spec) else None
 
 
 def stage_iters(cfg, stage):
