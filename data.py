@@ -188,7 +188,8 @@ def read_meta(path):
         raise UserError(f"{f}: spec 'keys' must map key names ({', '.join(KEYS)}) to actions of this spec (ids in "
                         f"[0, n_actions), or action_dim floats in [-1, 1]): fix them, or leave the key out")
     for key, fix in (("size", "write the frames' size in pixels, or leave the key out"),
-                     ("frame_skip", "write the number of frames each action was repeated (1 or more)")):
+                     ("frame_skip", "write the number of frames each action was repeated (1 or more)"),
+                     ("episodes", "write the number of episodes the shards hold, or leave the key out")):
         v = meta.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise UserError(f"{f}: '{key}' is {v!r}; {fix}")
@@ -286,6 +287,10 @@ def read_folder(path, labelled, size=None):
         if parts[-1]["frames"].shape[2:] != parts[0]["frames"].shape[2:]:
             raise UserError(f"{f} has frames of {parts[-1]['frames'].shape[2]} px, {files[0]} of "
                             f"{parts[0]['frames'].shape[2]} px: one folder holds one frame size")
+    held = sum(len(p["frames"]) for p in parts)
+    if meta.get("episodes") not in (None, held):                      # a shard lost (or added) in copying
+        raise UserError(f"{os.path.join(path, 'meta.json')} says {meta['episodes']} episodes, but the {len(files)} "
+                        f".npz files hold {held}: restore the missing shards (or remove extra ones), or fix 'episodes'")
     if meta.get("size") not in (None, parts[0]["frames"].shape[2]):
         raise UserError(f"{os.path.join(path, 'meta.json')} says 'size' {meta['size']}, but the frames are "
                         f"{parts[0]['frames'].shape[2]} px: fix the size in meta.json, or leave the key out")
@@ -314,7 +319,7 @@ def pad_and_join(parts, size):
 # corpora
 
 class Corpus:
-    """Episodes in memory, split into train / held-out by episode."""
+    """Episodes in memory, split into train / held-out by episode: the last ones (of a folder, in shard-name order)."""
 
     def __init__(self, arrays, heldout):
         n = len(arrays["frames"])
@@ -451,11 +456,21 @@ def record(env_name, episodes, out, size, episode_len, frames_only, seed, sticky
         for i in range(0, episodes, 256):
             ep = generate_episodes(cfg, min(256, episodes - i), seed * 1000 + i)
             yield {k: ep[k] for k in ("frames", "lengths")} if frames_only else ep
-    n = write_folder(out, shards(), env_name, size, None if frames_only else spec, progress=lambda k: bar.update(k - bar.n),
-                     frame_skip=frame_skip)
+    lengths = []
+    n = write_folder(out, (lengths.append(ep["lengths"]) or ep for ep in shards()), env_name, size,
+                     None if frames_only else spec, progress=lambda k: bar.update(k - bar.n), frame_skip=frame_skip)
     bar.close()
-    print(f"wrote {n} {'action-free' if frames_only else 'labelled'} episodes of {env_name} ({size}x{size}, "
-          f"{episode_len} steps) to {out} in {time.time() - t0:.0f} s")
+    print(f"wrote {n} {'action-free' if frames_only else 'labelled'} episodes of {env_name} ({size}x{size}) to {out} "
+          f"in {time.time() - t0:.0f} s: {length_note(np.concatenate(lengths), episode_len)}")
+
+
+def length_note(lengths, episode_len):
+    """How long recorded episodes are, in frames (a short one limits train.py's clips: it names the flags that fit)."""
+    early = int((lengths < episode_len + 1).sum())
+    if not early:
+        return f"every one {episode_len + 1} frames ({episode_len} steps)"
+    return (f"{early} of {len(lengths)} ended before {episode_len} steps: {lengths.min()} to {lengths.max()} frames, "
+            f"median {int(np.median(lengths))} (train.py's clips and --horizon must fit in them)")
 
 
 def checked(typ, valid):

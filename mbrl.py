@@ -143,8 +143,11 @@ class MBRLConfig:
         self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
         self.episode_len = self.episode_len or (200 if game else 32)
         self.motion_weight = (4.0 if game else 0.0) if self.motion_weight is None else self.motion_weight
-        if not self.frame_skip:                     # 0: the checkpoint's, else the game's own, stored as the number it is
-            self.frame_skip = (ck["data"].get("frame_skip") if ck else 0) or make_env(self.env).frame_skip
+        theirs = ck["data"].get("frame_skip") if ck else 0
+        if self.frame_skip and theirs and self.frame_skip != theirs:   # the model learned the steps of its own skip
+            raise UserError(f"--frame_skip {self.frame_skip} but --init_from {self.init_from} was trained with "
+                            f"frame_skip {theirs}: drop --frame_skip")
+        self.frame_skip = self.frame_skip or theirs or make_env(self.env).frame_skip   # 0: the checkpoint's, or the game's
 
     def world(self, size, num, seed=0):
         """num copies of the environment, as every part of the loop makes it."""

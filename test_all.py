@@ -1381,6 +1381,9 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
     assert train.action_spec(train.parse_args(["--data", str(tmp_path / "nk")]))["keys"] == keys_for(5)
     short = {k: v[:, :4 - (k != "frames")] if k != "lengths" else np.minimum(v, 4) for k, v in ep.items()}   # shorter
     np.savez_compressed(tmp_path / "ok" / "shard_001.npz", **short)
+    with pytest.raises(UserError, match="says 5 episodes, but the 2 .npz files hold 10"):     # (a shard added or lost)
+        read_folder(str(tmp_path / "ok"), labelled=True)
+    json.dump(dict(meta, episodes=10), open(tmp_path / "ok" / "meta.json", "w"))
     arrays, _ = read_folder(str(tmp_path / "ok"), labelled=True, size=32)   # padded and resized
     assert arrays["frames"].shape == (10, 7, 32, 32, 3) and (arrays["lengths"][5:] <= 4).all()
     bad = [(dict(frames=np.zeros((10, 5))), "uint8"),
@@ -1434,7 +1437,7 @@ def test_meta_json_is_checked_by_value_and_one_episode_shards_read(tmp_path):
         json.dump(dict(meta, **change), open(tmp_path / "d" / "meta.json", "w"))
         with pytest.raises(UserError, match=match):
             read_meta(str(tmp_path / "d"))
-    json.dump(dict(good, source="my robot, lab 2", frames="RGB, 10 Hz"), open(tmp_path / "d" / "meta.json", "w"))
+    json.dump(dict(good, source="my robot, lab 2", frames="RGB, 10 Hz", episodes=1), open(tmp_path / "d" / "meta.json", "w"))
     assert read_meta(str(tmp_path / "d"))["source"] == "my robot, lab 2"      # notes of one's own, even near a key
     np.savez_compressed(tmp_path / "d" / "shard_000.npz", **{k: v[0] for k, v in ep.items()})   # one episode, no axis
     arrays, _ = read_folder(str(tmp_path / "d"), labelled=True)
@@ -1469,6 +1472,27 @@ def test_gym_copies_are_kept_older_atari_ids_work_and_a_broken_game_is_one_line(
     game("ale_py")
     pong = make_env("gym:PongNoFrameskip-v4", size=32)
     assert pong.atari and pong.frame_skip == 4 and pong.restorable
+
+
+def test_short_recorded_episodes_are_reported_and_name_the_flags_that_fit(tmp_path, capsys):
+    """CartPole's random episodes end after a few steps: the recording says how long they are, and train.py names a
+    --horizon that fits them (it once said only "lower --horizon"); a --frame_skip other than the folder's recorded
+    one is refused (the control measure would replay the game at another rate)."""
+    game("gymnasium")
+    from data import load_corpus, record
+    record("gym:CartPole-v1", 12, str(tmp_path / "cp"), 32, 64, False, 0, 0.75, 0)
+    lengths = np.load(tmp_path / "cp" / "shard_000.npz")["lengths"]
+    assert f"12 of 12 ended before 64 steps: {lengths.min()} to {lengths.max()} frames" in capsys.readouterr().out
+    import train
+    cfg = train.parse_args(["--data", str(tmp_path / "cp"), "--max_iters", "1"])
+    train.resolve(cfg, torch.device("cpu"))
+    data = load_corpus(train.DataConfig(**train.describe(cfg, None, None)["data"]), labelled=True)
+    with pytest.raises(UserError, match="pass --horizon [0-9]+ ") as err:
+        train.check_lengths(data, cfg.clip_len, 64)
+    horizon = int(re.search("pass --horizon ([0-9]+)", str(err.value)).group(1))
+    train.check_lengths(data, cfg.clip_len, horizon)                    # what it names fits
+    with pytest.raises(UserError, match="--frame_skip 3 but --data .* was recorded with frame_skip 2"):
+        train.resolve(train.parse_args(["--data", str(tmp_path / "cp"), "--frame_skip", "3"]), torch.device("cpu"))
 
 
 def test_recorded_folders_pretrain_and_finetune(tmp_path):

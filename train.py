@@ -241,6 +241,9 @@ def resolve(cfg, device):
                                 f"of its env {meta['env']} ({ {k: spec[k] for k in ('discrete', 'n_actions', 'action_dim')} }): "
                                 f"fix the spec, or the env")
         cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
+        if cfg.frame_skip and meta.get("frame_skip") not in (None, cfg.frame_skip):
+            raise UserError(f"--frame_skip {cfg.frame_skip} but --data {cfg.data} was recorded with frame_skip "
+                            f"{meta['frame_skip']} (its meta.json): drop --frame_skip")
         cfg.frame_skip = cfg.frame_skip or meta.get("frame_skip") or 0    # as recorded (the control measure replays it)
     else:                                             # 0: the game's own frame skip, stored as the number it is
         cfg.frame_skip = make_env(cfg.env, frame_skip=cfg.frame_skip).frame_skip
@@ -1030,12 +1033,28 @@ def train(cfg):
     return m
 
 
+def check_lengths(data, clip_len, horizon):
+    """Whether the labelled corpus holds training clips of clip_len frames and held-out clips of the context and
+    `horizon` frames (each starts after an episode's first frame); else a UserError with the flags that would fit."""
+    k, train, held = clip_len - 1, data.train["lengths"], data.test["lengths"]
+    if train.max() < clip_len + 1:
+        raise UserError(f"the longest training episode holds {train.max()} frames, and a clip of --clip_len {clip_len} "
+                        f"needs {clip_len + 1} (it starts after the first): pass --clip_len {max(2, int(train.max()) - 1)} "
+                        f"or less, or record longer episodes")
+    if held.max() < k + horizon + 1:
+        fits = [int(n) - 1 - k for n in (np.median(held), held.max()) if n - 1 - k >= 1]
+        fix = (f"pass --horizon {fits[0]} (half the held-out episodes fit it; at most {fits[-1]})" if fits else
+               f"pass a shorter --clip_len (the context is {k} frames)")
+        raise UserError(f"the longest held-out episode holds {held.max()} frames, and evaluating --horizon {horizon} "
+                        f"frames after {k} of context needs {k + horizon + 1}: {fix}, or record longer episodes")
+
+
 def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log):
     """Data (built once, by the first process), the stages, the evaluation -> metrics (None on other processes)."""
     if dist.main:                                     # the first process builds the corpora, the others read them
         for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
             data = load_corpus(DataConfig(**desc["data"]), labelled)
-        spread_clips(data.test["lengths"], desc["model_args"]["clip_len"] - 1 + cfg.horizon, 1)  # can it evaluate?
+        check_lengths(data, desc["model_args"]["clip_len"], cfg.horizon)        # can it train and evaluate?
     dist.barrier()
     t0 = time.time()
     tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
