@@ -149,14 +149,18 @@ def write_folder(path, episodes, env, size, spec, progress=None, frame_skip=None
     (a temporary folder renamed into place). Returns the number of episodes written."""
     tmp, n = path.rstrip("/") + f".tmp{os.getpid()}", 0
     os.makedirs(tmp, exist_ok=True)
-    for i, ep in enumerate(episodes):
-        np.savez_compressed(os.path.join(tmp, f"shard_{i:03d}.npz"), **ep)
-        n += len(ep["frames"])
-        if progress:
-            progress(n)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(dict(format=FORMAT, env=env, size=size, spec=spec, episodes=n,
-                       **({"frame_skip": frame_skip} if frame_skip else {})), f, indent=1)
+    try:
+        for i, ep in enumerate(episodes):
+            np.savez_compressed(os.path.join(tmp, f"shard_{i:03d}.npz"), **ep)
+            n += len(ep["frames"])
+            if progress:
+                progress(n)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(dict(format=FORMAT, env=env, size=size, spec=spec, episodes=n,
+                           **({"frame_skip": frame_skip} if frame_skip else {})), f, indent=1)
+    except BaseException:                             # stopped (Ctrl-C) or failed: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return n

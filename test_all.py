@@ -768,11 +768,11 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
         train.train(train.parse_args(["--out", str(tiny_run / "out"), "--resume", "--max_iters", "3", *TINY_FLAGS,
                                       "--width", "64", *data]))
     assert ck.read_bytes() == before
-    with pytest.raises(UserError, match="lower --horizon"):
+    with pytest.raises(UserError, match="pass --horizon [0-9]+"):
         train.train(train.parse_args(["--out", str(tmp_path / "h"), "--max_iters", "3", *TINY_FLAGS, "--horizon", "40",
                                       *data]))
     assert not (tmp_path / "h" / "pretrain.pt").exists()
-    assert "lower --horizon" in (tmp_path / "h" / "train.log").read_text()          # the log says why it stopped
+    assert "pass --horizon" in (tmp_path / "h" / "train.log").read_text()          # the log says why it stopped
     out = ["--out", str(tiny_run / "out"), "--resume", *TINY_FLAGS, *data]
     for argv, match in ((["--backbone", "ar"], "is a 'dit' run on 'coin', not 'ar'"),     # before the tokenizer stage
                         (["--max_iters", "5"], "ended at step 3 and .*ckpt.pt was built on it"),   # a longer pretrain
@@ -806,7 +806,8 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     assert (cfg.size, cfg.width, cfg.clip_len) == (16, 32, 2)            # the checkpoint's model, not the preset's
     import mbrl                                      # mbrl.py: a checkpoint's model is not overridden in silence
     for argv, match in ((["--init_from", str(ck), "--size", "32"], "--size 32 but --init_from"), (["--size", "18"], "frame size 18"),
-                        (["--init_from", str(ck), "--context", "2"], "--context 2 but --init_from")):
+                        (["--init_from", str(ck), "--context", "2"], "--context 2 but --init_from"),
+                        (["--init_from", str(ck), "--frame_skip", "3"], "--frame_skip 3 but --init_from")):
         with pytest.raises(UserError, match=match):
             mbrl.parse_args(argv)
     assert mbrl.parse_args(["--init_from", str(ck), "--width", "7"]).width == 32    # the checkpoint's, as recorded
@@ -848,6 +849,7 @@ def test_flags_are_checked_before_any_work(tmp_path):
                         (["--backbone", "ar", "--clip_len", "4", "--denoise_frames", "2"], "dit only")):
         with pytest.raises(UserError, match=match):
             train.resolve(train.parse_args(argv), torch.device("cpu"))
+    assert "made for a CUDA GPU" in train.resolve(train.parse_args(["--preset", "gpu"]), torch.device("cpu"))
     for argv, match in ((["--gamma", "2"], "between 0 and 1"), (["--horizon", "0"], "--horizon 0"),
                         (["--elites", "40"], "at most --candidates 32")):
         with pytest.raises(UserError, match=match):
@@ -1419,6 +1421,20 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
     write_folder(str(d), iter([ep]), "coin", 16, dict(spec, keys={"left": 99}))
     with pytest.raises(UserError, match="spec 'keys'"):
         read_folder(str(d), labelled=True)
+
+
+def test_a_stopped_recording_leaves_no_half_written_folder(tmp_path):
+    """Ctrl-C while a corpus or a recording is written: the temporary folder goes, a folder already there stays."""
+    from data import write_folder
+    ep = generate_episodes(DataConfig(env="coin", size=16, episode_len=4), 2, seed=0)
+    write_folder(str(tmp_path / "d"), iter([ep]), "coin", 16, make_env("coin").spec)
+
+    def stopped():
+        yield ep
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(str(tmp_path / "d"), stopped(), "coin", 16, make_env("coin").spec)
+    assert sorted(os.listdir(tmp_path)) == ["d"] and sorted(os.listdir(tmp_path / "d")) == ["meta.json", "shard_000.npz"]
 
 
 def test_meta_json_is_checked_by_value_and_one_episode_shards_read(tmp_path):

@@ -267,7 +267,9 @@ def resolve(cfg, device):
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
     changed = [k for k in preset if k != "expect" and getattr(cfg, k) != preset[k]]
-    return preset["expect"] + (f" at its defaults; changed here: --{', --'.join(changed)}" if changed else "")
+    expect = preset["expect"] if name != "gpu" or device.type == "cuda" else \
+        f"made for a CUDA GPU: on this {device.type} its defaults take many hours; --preset tiny or games fit a CPU"
+    return expect + (f" at its defaults; changed here: --{', --'.join(changed)}" if changed else "")
 
 
 # ----------------------------------------------------------------------------------------------
