@@ -6,6 +6,7 @@
     python mbrl.py --imagination both           # prioritized vs uniform imagination, same seeds, one plot
     python mbrl.py --init_from out/ckpt.pt      # start from a world model trained by train.py
     python mbrl.py --bench 10 --candidates 256 --horizon 8   # the time of one MPC decision, nothing trained
+    python mbrl.py --env pusher --resume        # continue a stopped run (progress.pt, after the first fit and each round)
 
 The loop, per seed:
   1. play --seed_episodes episodes with random actions: the replay buffer of real transitions;
@@ -48,8 +49,10 @@ normalized = (R - R_random) / (R_oracle - R_random) of the final evaluation) and
 import copy
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -57,13 +60,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, UserError, action_space, check_size, claimed, make_env, run_cli
+from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Stopped, UserError, action_space, check_size, claimed, make_env, run_cli
 from data import ClipSampler, DataConfig, generate_episodes, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
 from loss import LOSSES
-from sample import CKPT_FORMAT, load_model, read_world_model, rollout
-from train import opt, parse_config, save_checkpoint
+from sample import CKPT_FORMAT, load_model, read_checkpoint, read_world_model, rollout
+from train import opt, parse_config, resume_command, save_checkpoint
 
 
 @dataclass
@@ -75,6 +78,8 @@ class MBRLConfig:
     first_seed: int = opt(0, "the first seed: adds seeds to an earlier study (seed s is the same run whatever came before)",
                           AT_LEAST_0)
     out: str = opt("out_mbrl", "output folder: results.json, curves.png, mbrl.log")
+    resume: bool = opt(False, "continue the stopped run in --out from its progress.pt (saved after the first fit and "
+                              "every round)")
     init_from: str = opt("", "a train.py checkpoint to start the world model from (its frame size is used)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = opt(True, "torch.compile the world model for planning (about a minute of compiling, then ~1.6x faster "
@@ -330,6 +335,20 @@ class Agent:
         both: each kind continues from the same fitted agent on the same random stream, a paired comparison."""
         return copy.deepcopy(self)
 
+    NETS, OPTS = ("wm", "reward", "value", "target"), ("opt_wm", "opt_r", "opt_v")
+
+    def state(self):
+        """Everything training changes: weights, optimizer moments, the generator, the model-replay priorities."""
+        return dict({n: getattr(self, n).state_dict() for n in self.NETS + self.OPTS}, g=self.g.get_state(),
+                    replay=self.replay.state())
+
+    def load_state(self, state):
+        for n in self.NETS + self.OPTS:                   # in place: plan_wm (compiled) shares the world model's weights
+            getattr(self, n).load_state_dict(state[n])
+        self.g.set_state(state["g"])
+        self.replay.load_state(state["replay"])
+        self.wm.eval()                                    # as fit() leaves it
+
     def checkpoint(self, desc):
         """The world model as a train.py checkpoint (sample.py reads it), with the reward and value heads."""
         w = self.wm.state_dict()
@@ -550,6 +569,54 @@ class Priorities:
     def update(self, idx, td):
         self.p[idx] = np.abs(td) + self.eps
 
+    def state(self):
+        return dict(p=torch.from_numpy(self.p.copy()), rng=rng_state(self.rng))
+
+    def load_state(self, state):
+        self.p, self.rng = state["p"].numpy().copy(), numpy_rng(state["rng"])
+
+
+def rng_state(rng):
+    """A numpy generator's state as a string (a checkpoint holds no pickled objects), and back (numpy_rng)."""
+    return json.dumps(rng.bit_generator.state)
+
+
+def numpy_rng(state):
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(state)
+    return rng
+
+
+class Progress:
+    """What a run has done so far, in <out>/progress.pt: each finished seed's results, the first fit of the seed in
+    progress, and the state after the last finished round of the kind in progress (agent, buffer, generators, curve).
+    Written after the first fit and after every round, so a stopped run loses at most the fit or round it was in;
+    --resume continues from it (the same draws as a run never stopped); removed once results.json is written."""
+    FREE = {"resume", "device", "compile", "out"}         # flags a resumed run may change
+
+    def __init__(self, cfg):
+        self.path, self.cfg = os.path.join(cfg.out, "progress.pt"), cfg
+        self.s = dict(format=CKPT_FORMAT, backbone=cfg.backbone, config=asdict(cfg), seeds={}, fitted=None, live=None)
+        if not os.path.exists(self.path):
+            if cfg.resume:
+                print(f"note: --resume found no {self.path}: starting the run from the beginning")
+            return
+        if not cfg.resume:
+            raise UserError(f"{cfg.out} holds a stopped run ({self.path}): pass --resume to continue it, or another --out")
+        prev = read_checkpoint(self.path)
+        mine, theirs = asdict(cfg), prev["config"]
+        if changed := [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and k not in self.FREE
+                       and mine[k] != theirs[k]]:
+            raise UserError(f"{self.path} was run with other flags: {', '.join(changed)}: pass the run's own, or another --out")
+        self.s = dict(prev, config=mine)
+
+    def save(self, **parts):
+        self.s.update(parts)
+        save_checkpoint(self.path, self.s)
+
+    def done(self):
+        os.remove(self.path)
+
 
 # ----------------------------------------------------------------------------------------------
 # acting in the real world
@@ -597,39 +664,58 @@ def episode_return(eps):
     return eps["rewards"].sum(1)
 
 
-def run_seed(cfg, seed, kinds, spec, device, log, bar):
+def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
     """One seed: random-action data and the first fit of the world model and reward head, shared by every kind of
     imagination (each continues from its own copy of the same fitted agent, so the comparison is paired). Each
-    kind's world model is saved as <out>/world_model_<kind>_seed<seed>.pt (sample.py reads it).
+    kind's world model is saved as <out>/world_model_<kind>_seed<seed>.pt (sample.py reads it). What `progress`
+    holds of this seed is taken from it, not done again.
     Returns {kind: (curve [(real steps, mean eval return)], decision times, wall seconds)}."""
-    t0 = time.time()
-    agent = Agent(cfg, spec, device, seed)
-    rng = np.random.default_rng(seed)
-    uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0, resample_still=0,
-                         frame_skip=cfg.frame_skip)
-    buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
-    wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
-    log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
-        f"world-model loss {wl:.4f} | reward loss {rl:.4f} | {time.time() - t0:.0f} s")
-    shared, out = time.time() - t0, {}
+    t0, agent, fitted = time.time(), Agent(cfg, spec, device, seed), progress.s["fitted"]
+    if fitted is not None and fitted["seed"] == seed:
+        agent.load_state(fitted["agent"])
+        buffer, rng, shared = arrays(fitted["buffer"]), numpy_rng(fitted["rng"]), fitted["wall"]
+        log(f"[seed {seed}] resume: the first fit from {progress.path}")
+    else:
+        rng = np.random.default_rng(seed)
+        uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0,
+                             resample_still=0, frame_skip=cfg.frame_skip)
+        buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
+        wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
+        shared = time.time() - t0
+        log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
+            f"world-model loss {wl:.4f} | reward loss {rl:.4f} | {shared:.0f} s")
+        progress.save(fitted=dict(seed=seed, agent=agent.state(), buffer=tensors(buffer), rng=rng_state(rng), wall=shared))
     desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len,
                                                          frame_skip=cfg.frame_skip)))
-    for kind in kinds:
-        t1 = time.time()
+    out = progress.s["seeds"].setdefault(seed, {})                          # kinds finished before a stop
+    for kind in (k for k in kinds if k not in out):
+        live = progress.s["live"]
+        live = live if live is not None and (live["seed"], live["kind"]) == (seed, kind) else None
         twin = agent.clone()
-        curve, times = online(cfg, seed, kind, twin, buffer, copy.deepcopy(rng), spec, log, bar)
+        curve, times, wall = online(cfg, seed, kind, twin, buffer, copy.deepcopy(rng), spec, log, bar, progress, live)
         save_checkpoint(os.path.join(cfg.out, f"world_model_{kind}_seed{seed}.pt"), twin.checkpoint(desc))
-        out[kind] = (curve, times, shared + time.time() - t1)
+        out[kind] = (curve, times, shared + wall)
+        progress.save(live=None)
     return out
 
 
-def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar):
+def tensors(buffer):
+    return {k: torch.from_numpy(v) for k, v in buffer.items()}
+
+
+def arrays(buffer):
+    return {k: v.numpy() for k, v in buffer.items()}
+
+
+def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, live=None):
     """From a fitted agent: train the value by TD in imagination (start states by `kind`), then --rounds of
     (evaluate, every --eval_every rounds) -> act with MPC in the real world -> add the data -> update; a last evaluation.
-    Acting draws from agent.g and rng; each evaluation from generators of its own, so it changes nothing."""
+    Acting draws from agent.g and rng; each evaluation from generators of its own, so it changes nothing. After each
+    round, everything it changed goes to `progress`; `live` (from a stopped run) is where it continues from.
+    -> curve, decision times, wall seconds."""
     steps = int((buffer["lengths"] - 1).sum())
     starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, seed)
-    curve, dec_times = [], []
+    curve, dec_times, first, t0 = [], [], 0, time.time()
 
     def evaluate():
         w = cfg.world(agent.size, cfg.eval_episodes, seed=10_000 + seed)
@@ -651,8 +737,23 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar):
         log(f"[{kind} seed {seed}] {msg}{f'value TD loss {np.mean(vl):.4f}' if vl else 'no value'} | {len(states)} replay states")
         bar.update(1)
 
-    learn(0)
-    for r in range(cfg.rounds):
+    def save(r):
+        if progress is not None:
+            progress.save(live=dict(seed=seed, kind=kind, round=r, agent=agent.state(), buffer=tensors(buffer),
+                                    rng=rng_state(rng), starts=starts.state(), curve=curve, times=dec_times, steps=steps,
+                                    wall=prior + time.time() - t0))
+
+    if live is None:
+        prior = 0.0
+        learn(0)
+        save(0)
+    else:                                                                   # a stopped run, after its round `first`
+        agent.load_state(live["agent"]); starts.load_state(live["starts"])
+        buffer, rng, steps, first, prior = arrays(live["buffer"]), numpy_rng(live["rng"]), live["steps"], live["round"], live["wall"]
+        curve, dec_times = [tuple(c) for c in live["curve"]], list(live["times"])
+        bar.update(first + 1)
+        log(f"[{kind} seed {seed}] resume: after round {first} of {cfg.rounds}, from {progress.path}")
+    for r in range(first, cfg.rounds):
         if r % cfg.eval_every == 0:
             evaluate()
         w = cfg.world(agent.size, cfg.episodes, seed=int(rng.integers(1 << 30)))
@@ -661,8 +762,9 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar):
         buffer = merge(buffer, eps)
         steps += int((eps["lengths"] - 1).sum())
         learn(cfg.update_iters)
+        save(r + 1)
     evaluate()
-    return curve, dec_times
+    return curve, dec_times, prior + time.time() - t0
 
 
 def baselines(cfg, seed, spec, size):
@@ -764,6 +866,10 @@ def main(cfg):
         return study(cfg, spec, device, why, log, kinds[cfg.imagination])
 
 
+def stop_now(signum, frame):
+    raise KeyboardInterrupt
+
+
 def study(cfg, spec, device, why, log, kinds):
     """Every seed's learned-model runs (one per imagination kind) and baselines -> results.json, curves.png."""
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
@@ -772,17 +878,36 @@ def study(cfg, spec, device, why, log, kinds):
     methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds}
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
     bar = tqdm(total=cfg.seeds * len(kinds) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
-    dec = []
-    for seed in seeds:
-        for kind, (curve, times, wall) in run_seed(cfg, seed, kinds, spec, device, log, bar).items():
-            m = methods[f"model_mpc_{kind}"]
-            m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
-            m["final"].append(curve[-1][1]); m["wall_s"].append(round(wall, 1))
-            dec.extend(times)
-        R_rand, R_orc, t_orc = baselines(cfg, seed, spec, cfg.size)
-        base["random"]["final"].append(R_rand); base["oracle_mpc"]["final"].append(R_orc)
-        base["oracle_mpc"]["decision_ms"].append(round(1000 * t_orc, 1))
-        log(f"[seed {seed}] random {R_rand:.3f} | MPC in the true simulator {R_orc:.3f}")
+    dec, progress = [], Progress(cfg)
+    term = signal.signal(signal.SIGTERM, stop_now)                        # a kill says how to resume, as Ctrl-C does
+    try:
+        for seed in seeds:
+            done = progress.s["seeds"].get(seed, {})
+            if "baselines" in done:
+                bar.update(len(kinds) * (cfg.rounds + 1))
+                log(f"[seed {seed}] resume: finished before the stop, its results from {progress.path}")
+            else:
+                run_seed(cfg, seed, kinds, spec, device, log, bar, progress)
+                done = progress.s["seeds"][seed]
+                done["baselines"] = baselines(cfg, seed, spec, cfg.size)
+                progress.save(fitted=None)
+            for kind in kinds:
+                curve, times, wall = done[kind]
+                m = methods[f"model_mpc_{kind}"]
+                m["env_steps"].append([c[0] for c in curve]); m["curves"].append([c[1] for c in curve])
+                m["final"].append(curve[-1][1]); m["wall_s"].append(round(wall, 1))
+                dec.extend(times)
+            R_rand, R_orc, t_orc = done["baselines"]
+            base["random"]["final"].append(R_rand); base["oracle_mpc"]["final"].append(R_orc)
+            base["oracle_mpc"]["decision_ms"].append(round(1000 * t_orc, 1))
+            log(f"[seed {seed}] random {R_rand:.3f} | MPC in the true simulator {R_orc:.3f}")
+    except KeyboardInterrupt:
+        if not os.path.exists(progress.path):             # stopped in the first fit: nothing to continue from
+            raise
+        raise Stopped(f"{progress.path} holds the work up to the last finished fit or round. Continue with: "
+                      f"{resume_command(SimpleNamespace(world=1))}", 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, term)
     bar.close()
     R_rand, R_orc = np.mean(base["random"]["final"]), np.mean(base["oracle_mpc"]["final"])
     for m in methods.values():
@@ -795,6 +920,7 @@ def study(cfg, spec, device, why, log, kinds):
                    wall_s=round(time.time() - t_start, 1), device=why, config=asdict(cfg))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    progress.done()
     plot(os.path.join(cfg.out, "curves.png"), results, cfg.env)
     for name, m in methods.items():
         norm = "n/a (the true simulator's planner scored the same as random)" if m["normalized"] is None else \

@@ -1555,6 +1555,42 @@ def test_play_follows_the_keys(tiny_run, tmp_path):
     assert r.returncode == 0 and re.search(r"[0-9.]+ frames/s", r.stdout), r.stderr[-2000:]
 
 
+def test_a_stopped_mbrl_run_resumes_to_the_results_of_one_never_stopped(tmp_path, monkeypatch):
+    """Ctrl-C in the second seed's first round: progress.pt holds the first seed and the second's state after its
+    last finished round; --resume (only with the run's own flags) ends with the curves and baselines of a run never
+    stopped, and removes progress.pt. Without --resume the folder is refused, nothing overwritten."""
+    import mbrl
+    from envs import Stopped
+    flags = ["--seed_episodes", "6", "--rounds", "2", "--episodes", "2", "--fit_iters", "2", "--update_iters", "2",
+             "--value_iters", "2", "--eval_episodes", "2", "--eval_every", "1", "--candidates", "8", "--elites", "2",
+             "--compile", "false", "--seeds", "2"]
+    whole = mbrl.main(mbrl.parse_args(flags + ["--out", str(tmp_path / "a")]))
+    save, out = mbrl.Progress.save, ["--out", str(tmp_path / "b")]
+
+    def stop_in_round_2_of_seed_1(self, **parts):
+        save(self, **parts)
+        if (parts.get("live") or {}).get("seed") == 1 and parts["live"]["round"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(mbrl.Progress, "save", stop_in_round_2_of_seed_1)
+    with pytest.raises(Stopped, match="--resume"):
+        mbrl.main(mbrl.parse_args(flags + out))
+    monkeypatch.undo()
+    before = (tmp_path / "b" / "progress.pt").read_bytes()
+    for argv, match in ((out, "holds a stopped run.*pass --resume"), (out + ["--resume", "--rounds", "3"],
+                                                                       "other flags: --rounds 3 \\(the run has 2\\)")):
+        with pytest.raises(UserError, match=match):
+            mbrl.main(mbrl.parse_args(flags + argv))
+    assert (tmp_path / "b" / "progress.pt").read_bytes() == before
+    resumed = mbrl.main(mbrl.parse_args(flags + out + ["--resume"]))
+    for name in ("model_mpc_prioritized", "random", "oracle_mpc"):
+        for key in ("final", "curves", "env_steps"):
+            assert resumed["methods"][name].get(key) == whole["methods"][name].get(key), (name, key)
+    assert not (tmp_path / "b" / "progress.pt").exists() and "resume: after round 1 of 2" in (tmp_path / "b" / "mbrl.log").read_text()
+    a, b = (torch.load(tmp_path / d / "world_model_prioritized_seed1.pt", weights_only=True) for d in "ab")
+    for part in ("model", "reward", "value"):                          # the same weights: every state was restored
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
 def test_mbrl_plans_in_a_gymnasium_game_from_pixels(tmp_path):
     """mbrl.py on gym:CartPole-v1 with tiny budgets: two context frames (a pole's velocity is not in one frame), the
     random and the true-simulator baselines, results.json and a world-model checkpoint."""

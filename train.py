@@ -319,8 +319,7 @@ def evaluate(model, cfg, data, device):
     perm = torch.randperm(len(a), generator=make_generator("cpu", 0)).to(device)
     runs = {}
     for name, acts in (("", a), ("_shuffled", torch.cat([a[:, :k], a[perm, k:]], 1))):
-        g = make_generator(device, cfg.seed)                                 # same noise for both: only actions differ
-        runs[name] = rollout(model, x[:, :k], acts, generator=g, **sampling(cfg))
+        runs[name] = eval_rollout(model, x[:, :k], acts, cfg, device)       # same noise for both: only actions differ
     runs["_copy_last"] = x[:, k - 1:k].expand_as(true)
     m = {}
     env = make_env(cfg.env) if cfg.env else None                         # (a --data folder may not say where it came from)
@@ -338,8 +337,18 @@ def evaluate(model, cfg, data, device):
         m.update(control_eval(model, cfg, k, device))
     else:
         m["control"] = "no simulator to restore: psnr - psnr_shuffled (the shuffled-actions gap) measures control"
-    m.update(horizon=cfg.horizon, clips=len(x), episodes=len(set(e.tolist())), context=k, **sampling(cfg))
+    m.update(horizon=cfg.horizon, clips=len(x), clips_asked=cfg.eval_clips, episodes=len(set(e.tolist())), context=k,
+             **sampling(cfg))
     return m
+
+
+def eval_rollout(model, context, actions, cfg, device, batch=256):
+    """rollout() in batches of `batch` clips (memory stays bounded at any --eval_clips), all drawing from one generator
+    seeded cfg.seed: every call draws the same noise, and a single batch draws what one rollout() call would."""
+    g, n = make_generator(device, cfg.seed), len(actions)
+    return torch.cat([rollout(model, context[i:i + batch], actions[i:i + batch], generator=g, **sampling(cfg))
+                      for i in tqdm(range(0, n, batch), desc="evaluating", unit="batch", leave=False,
+                                    disable=None if n > batch else True)])
 
 
 def counterfactuals(cfg, k, n):
@@ -403,8 +412,7 @@ def control_eval(model, cfg, k, device):
                             f"to a start state, so there was no future to compare")
     x, tA, tB = (to_float(f, device) for f in (ctx, truth_A, truth_B))
     tensor = lambda a: torch.as_tensor(a, device=device)
-    pred_A, pred_B = (rollout(model, x, torch.cat([tensor(ctx_a), tensor(acts)], 1), generator=make_generator(device, cfg.seed),
-                              **sampling(cfg)) for acts in (A, A_other))
+    pred_A, pred_B = (eval_rollout(model, x, torch.cat([tensor(ctx_a), tensor(acts)], 1), cfg, device) for acts in (A, A_other))
     diff = torch.as_tensor(np.abs(truth_A.astype(np.int16) - truth_B).max(-1) > 8, device=device).float()   # (n, H, S, S)
     mask = F.max_pool2d(diff.flatten(0, 1)[:, None], 3, 1, 1)[:, 0].view(diff.shape)
     some = mask.flatten(1).sum(1) > 0                                    # clips where the actions changed anything
@@ -989,6 +997,8 @@ def summary(m):
     else:
         line += f" | {m['control']}"
     line += f" | {m['clips']} clips from {m['episodes']} held-out episodes"
+    if m.get("clips_asked", 0) > m["clips"]:
+        line += f" (of --eval_clips {m['clips_asked']}: they hold no more windows of context + --horizon frames)"
     if m.get("control_gap_by_step"):
         line += "\ncontrol gap frame by frame (dB): " + " ".join("-" if g is None else f"{g:.2f}" for g in m["control_gap_by_step"])
     return line
