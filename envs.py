@@ -75,7 +75,8 @@ KEYS = ("left", "right", "up", "down", "space", "none")     # what play and --ke
 def check_size(size, flag=""):
     """Frames are square, size x size pixels: a multiple of 8 (patches and tokenizer cells tile it), 16 or more."""
     if size < 16 or size % 8:
-        raise UserError(f"{flag}frame size {size} is not supported: use a multiple of 8, at least 16 (32 or 64)")
+        raise UserError(f"{flag + str(size) + ': ' if flag else ''}frames of {size} px are not supported: use a multiple "
+                        f"of 8, at least 16 (32 or 64)")
 
 
 def action_space(spec):

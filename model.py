@@ -58,7 +58,7 @@ def pick_device(name="auto"):
         import numpy          # otherwise slow CPU math; measured: the pusher tokenizer 149 -> 75 ms/iter
         numpy.finfo(numpy.float64), numpy.finfo(numpy.float32)   # (numpy reads its float limits before, not after)
         torch.set_flush_denormal(True)
-    cores = f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else ""
+    cores = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" if dev.type == "cpu" else ""
     return dev, None, f"{name}{cores}: float32" + (", no CUDA GPU found" if dev.type == "cpu" else "")
 
 

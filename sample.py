@@ -283,7 +283,7 @@ def parse_actions(text, spec, horizon):
     else:
         A = spec["action_dim"]
         cut = [s.split(",") for s in text.split(";")]
-        size_ok, hint = all(len(s) == A for s in cut), f"{A} numbers in [-1, 1] per step, like " + ";".join([",".join(["0.5"] * A)] * 2)
+        size_ok, hint = all(len(s) == A for s in cut), f"{A} number{'s' * (A > 1)} in [-1, 1] per step, like " + ";".join([",".join(["0.5"] * A)] * 2)
     if not size_ok:
         raise UserError(f"--actions '{text}' does not fit this model's actions: write {hint}")
     try:
@@ -473,7 +473,7 @@ def check_args(a):
         return
     check_out_file(a.out, "--out", ".gif")
     if a.keys is not None and (bad := [k for k in (k.strip() for k in a.keys.split(",")) if k not in KEYS]):
-        raise UserError(f"--keys '{a.keys}': {', '.join(map(repr, bad))} is not a key: use {', '.join(KEYS)}")
+        raise UserError(f"--keys '{a.keys}': {', '.join(map(repr, bad))} {'is not a key' if len(bad) == 1 else 'are not keys'}: use {', '.join(KEYS)}")
 
 
 def play(a, model, ck, device, why, sampling):

@@ -522,6 +522,16 @@ def test_mfu_reads_the_device_by_name_and_counts_one_process_share(monkeypatch):
     assert throughput(2 * 989e12, 1000, "cuda", world=2).startswith("MFU 100.0% of H200")
 
 
+def test_a_short_stage_still_reaches_the_peak_learning_rate():
+    """--max_iters 50 with the default 100 warm-up steps once trained at half the learning rate at most."""
+    from train import lr_at, parse_args
+    cfg = parse_args(["--lr", "0.001"])
+    for iters in (50, 1000):
+        lrs = [lr_at(i, cfg, iters) for i in range(iters)]
+        assert max(lrs) == pytest.approx(0.001) and lrs[0] < 0.001 / 10 and lrs[-1] < 0.001 / 5
+    assert lr_at(0, cfg, 1) > 0                                          # one step: no warm-up, no division by zero
+
+
 def test_resume_command_names_resume_once_and_bool_flags_are_strict():
     from types import SimpleNamespace
     from train import parse_args, resume_command
@@ -805,7 +815,7 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     train.resolve(cfg, torch.device("cpu"))
     assert (cfg.size, cfg.width, cfg.clip_len) == (16, 32, 2)            # the checkpoint's model, not the preset's
     import mbrl                                      # mbrl.py: a checkpoint's model is not overridden in silence
-    for argv, match in ((["--init_from", str(ck), "--size", "32"], "--size 32 but --init_from"), (["--size", "18"], "frame size 18"),
+    for argv, match in ((["--init_from", str(ck), "--size", "32"], "--size 32 but --init_from"), (["--size", "18"], "--size 18: frames of 18 px"),
                         (["--init_from", str(ck), "--context", "2"], "--context 2 but --init_from"),
                         (["--init_from", str(ck), "--frame_skip", "3"], "--frame_skip 3 but --init_from")):
         with pytest.raises(UserError, match=match):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, action_space, claimed, keys_for, locate_agent,
+from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, action_space, check_size, claimed, keys_for, locate_agent,
                   make_env, run_cli)
 from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_meta, spread_clips, to_float, to_uint8
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
@@ -103,7 +103,7 @@ class TrainConfig:
                              "second of game time for rendered games such as CartPole: 2; 1 for Atari v5 ids, which skip 4 "
                              "themselves; 4 for NoFrameskip-v4 ids)", AT_LEAST_0)
     # --- the rest
-    warmup: int = opt(100, "learning-rate warm-up iterations", AT_LEAST_0)
+    warmup: int = opt(100, "learning-rate warm-up iterations (at most half a stage's)", AT_LEAST_0)
     min_lr_frac: float = opt(0.1, "cosine decay ends at lr * this", FRACTION)
     weight_decay: float = opt(0.01, "AdamW weight decay", AT_LEAST_0)
     grad_clip: float = opt(1.0, "gradient-norm clip", ABOVE_0)
@@ -191,7 +191,8 @@ def check_model_flags(cfg):
     if cfg.width % cfg.heads:
         raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
     if cfg.backbone == "dit" and cfg.size % cfg.patch:
-        fit = max(cfg.patch, round(cfg.size / cfg.patch) * cfg.patch)
+        tile = math.lcm(8, cfg.patch)                                    # (frames are a multiple of 8: check_size)
+        fit = max(2 * tile if tile < 16 else tile, round(cfg.size / tile) * tile)
         raise UserError(f"frame size {cfg.size} (--size, or the --data frames') is not a multiple of --patch {cfg.patch}: "
                         f"patches tile the frame; pass --size {fit} (frames are resized) or another --patch")
 
@@ -263,6 +264,8 @@ def resolve(cfg, device):
         if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
     check_model_flags(cfg)
+    if not cfg.data:                                  # the worlds and games render these sizes (a folder is resized)
+        check_size(cfg.size, "--size ")
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
@@ -555,10 +558,12 @@ class Logger:
 
 
 def lr_at(step, cfg, iters):
-    """Linear warm-up, then cosine decay to lr * min_lr_frac."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = min(1.0, (step - cfg.warmup) / max(1, iters - cfg.warmup))
+    """Linear warm-up over --warmup steps (at most half the stage's, so a short run reaches the peak lr), then
+    cosine decay to lr * min_lr_frac."""
+    warmup = min(cfg.warmup, iters // 2)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, iters - warmup))
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
@@ -996,7 +1001,7 @@ def summary(m):
                  f"{round(m['control_psnr'] - m['control_psnr_wrong'], 2) + 0.0:.2f}) on {m['control_pixels']:.1%} of the pixels")
     else:
         line += f" | {m['control']}"
-    line += f" | {m['clips']} clips from {m['episodes']} held-out episodes"
+    line += f" | {m['clips']} clip{'s' * (m['clips'] != 1)} from {m['episodes']} held-out episode{'s' * (m['episodes'] != 1)}"
     if m.get("clips_asked", 0) > m["clips"]:
         line += f" (of --eval_clips {m['clips_asked']}: they hold no more windows of context + --horizon frames)"
     if m.get("control_gap_by_step"):
