@@ -26,8 +26,9 @@ SMALL = DiTConfig(size=16, patch=4, clip_len=3, width=32, depth=2, heads=2)
 SMALL_AR = ARConfig(size=16, clip_len=3, width=32, depth=2, heads=2, codes=16, tok_width=8)
 BACKBONE_KINDS = ["dit", "ar"]
 SPECS = {"coin": dict(discrete=True, n_actions=5, action_dim=0), "pusher": dict(discrete=False, n_actions=0, action_dim=2)}
-TINY_FLAGS = ["--size", "16", "--width", "32", "--depth", "2", "--heads", "2", "--batch_size", "8", "--n_free", "24",
-              "--n_labelled", "24", "--horizon", "3", "--eval_clips", "4", "--log_interval", "2"]
+TINY_MODEL = ["--size", "16", "--width", "32", "--depth", "2", "--heads", "2", "--batch_size", "8", "--horizon", "3",
+              "--eval_clips", "4", "--log_interval", "2"]                  # (runs on a --data folder)
+TINY_FLAGS = TINY_MODEL + ["--n_free", "24", "--n_labelled", "24"]           # (runs on generated corpora)
 
 
 def actions_for(spec, B, T, seed=0):
@@ -843,6 +844,10 @@ def test_init_from_brings_its_model_and_the_early_horizon_check_uses_it(tiny_run
     r = run(*common)
     assert r.returncode == 0, r.stderr[-1500:]
     assert json.load(open(tmp_path / "o" / "metrics.json"))["context"] == 1
+    assert "ckpt.pt, trained on 'coin'" in r.stdout and "another world" not in r.stdout     # the log says where it starts
+    import train
+    ck = torch.load(tiny_run / "out" / "ckpt.pt", weights_only=True)
+    assert "trained on 'coin' (another world)" in train.origins(train.parse_args(["--env", "pusher", "--tokenizer", "t.pt"]), None, ck)
 
 
 def test_flags_are_checked_before_any_work(tmp_path):
@@ -1410,7 +1415,7 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
         with pytest.raises(UserError, match=match) as err:
             read_folder(str(d), labelled=True)
         assert "shard_009.npz" in str(err.value)
-    r = run("train.py", "--data", str(tmp_path / "bad0"), "--out", str(tmp_path / "o"), *TINY_FLAGS)
+    r = run("train.py", "--data", str(tmp_path / "bad0"), "--out", str(tmp_path / "o"), *TINY_MODEL)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     for size, match in ((32, "says 'size' 32, but the frames are 16 px"), ("big", "'size' is 'big'")):
         d = tmp_path / f"size{size}"                                      # a meta.json whose size is not the frames'
@@ -1510,6 +1515,8 @@ def test_short_recorded_episodes_are_reported_and_name_the_flags_that_fit(tmp_pa
     lengths = np.load(tmp_path / "cp" / "shard_000.npz")["lengths"]
     assert f"12 of 12 ended before 64 steps: {lengths.min()} to {lengths.max()} frames" in capsys.readouterr().out
     import train
+    with pytest.raises(UserError, match="--n_labelled sets the generated corpus.*drop --n_labelled"):
+        train.resolve(train.parse_args(["--data", str(tmp_path / "cp"), "--n_labelled", "9"]), torch.device("cpu"))
     cfg = train.parse_args(["--data", str(tmp_path / "cp"), "--max_iters", "1"])
     train.resolve(cfg, torch.device("cpu"))
     data = load_corpus(train.DataConfig(**train.describe(cfg, None, None)["data"]), labelled=True)
@@ -1530,12 +1537,12 @@ def test_recorded_folders_pretrain_and_finetune(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     assert "actions" not in np.load(tmp_path / "videos" / "shard_000.npz")
     r = run("train.py", "--data", str(tmp_path / "labelled"), "--pretrain_data", str(tmp_path / "videos"),
-            "--out", str(tmp_path / "o"), "--max_iters", "2", *TINY_FLAGS)
+            "--out", str(tmp_path / "o"), "--max_iters", "2", *TINY_MODEL)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "o" / "metrics.json"))
     assert m["stages"] == ["pretrain", "finetune"] and "control_psnr" in m   # the folder says it came from pusher
     r = run("train.py", "--data", str(tmp_path / "videos"), "--stage", "pretrain", "--out", str(tmp_path / "v"),
-            "--max_iters", "2", *TINY_FLAGS)                               # videos alone pre-train (and evaluate)
+            "--max_iters", "2", *TINY_MODEL)                               # videos alone pre-train (and evaluate)
     assert r.returncode == 0 and "trained on frames only" in r.stdout, r.stderr[-2000:]
     meta = json.load(open(tmp_path / "labelled" / "meta.json"))
     json.dump(dict(meta, env="coin"), open(tmp_path / "labelled" / "meta.json", "w"))   # a spec its env contradicts

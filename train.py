@@ -202,7 +202,9 @@ TOKENIZER_ARGS = ("size", "channels", "down", "codes", "code_dim", "tok_width") 
 
 def adopt_model_args(cfg):
     """The model flags a starting checkpoint fixes: all of --init_from's (frame size, context, widths), the tokenizer's
-    of --tokenizer (frame size, codes). A flag given otherwise is a UserError, before the preset fills the rest."""
+    of --tokenizer (frame size, codes). A flag given otherwise is a UserError, before the preset fills the rest.
+    Returns the names of the flags it set."""
+    fixed = set()
     for flag, path in (("--init_from", cfg.init_from), ("--tokenizer", cfg.tokenizer if cfg.backbone == "ar" else "")):
         if not path:
             continue
@@ -217,13 +219,20 @@ def adopt_model_args(cfg):
                                 f"--data frames are resized to the model's), or start from scratch")
             if hasattr(cfg, k):
                 setattr(cfg, k, v)
+                fixed.add(k)
+    return fixed
 
 
 def resolve(cfg, device):
     """Check the names and fill the preset's fields; returns the expected-time note."""
     if cfg.backbone not in BACKBONES:
         raise UserError(f"unknown backbone '{cfg.backbone}': choose one of {', '.join(BACKBONES)}")
-    adopt_model_args(cfg)
+    fixed = adopt_model_args(cfg)
+    unused = [f"--{k}" for k in ("n_labelled", "n_free", "episode_len") if getattr(cfg, k) is not None and
+              (cfg.data or (k == "n_free" and cfg.pretrain_data))]
+    if unused:
+        raise UserError(f"{', '.join(unused)} sets the generated corpus, and the episodes come from "
+                        f"{'--data' if cfg.data else '--pretrain_data'}: drop {', '.join(unused)}")
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
         if not os.path.isdir(cfg.data):
             raise UserError(f"--data {cfg.data}: not a folder; pass the folder of .npz shards and meta.json "
@@ -269,7 +278,7 @@ def resolve(cfg, device):
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
-    changed = [k for k in preset if k != "expect" and getattr(cfg, k) != preset[k]]
+    changed = [k for k in preset if k != "expect" and k not in fixed and getattr(cfg, k) != preset[k]]
     expect = preset["expect"] if name != "gpu" or device.type == "cuda" else \
         f"made for a CUDA GPU: on this {device.type} its defaults take many hours; --preset tiny or games fit a CPU"
     return expect + (f" at its defaults; changed here: --{', --'.join(changed)}" if changed else "")
@@ -1038,7 +1047,8 @@ def train(cfg):
     with claimed(cfg.out) if dist.main else contextlib.nullcontext():    # one run writes to a folder at a time
         log = Logger(cfg.out, dist.main)
         log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env or cfg.data}' | stages "
-            f"{' -> '.join(stages)} | out {cfg.out}" + (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
+            f"{' -> '.join(stages)} | out {cfg.out}" + origins(cfg, init, tok_from) +
+            (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
         try:
             m = run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log)
         except UserError as e:                        # the log says why the run stopped, as the terminal does
@@ -1064,6 +1074,17 @@ def check_lengths(data, clip_len, horizon):
                f"pass a shorter --clip_len (the context is {k} frames)")
         raise UserError(f"the longest held-out episode holds {held.max()} frames, and evaluating --horizon {horizon} "
                         f"frames after {k} of context needs {k + horizon + 1}: {fix}, or record longer episodes")
+
+
+def origins(cfg, init, tok_from):
+    """Where the run's weights start (--init_from, --tokenizer) and what they were trained on, for the first log line;
+    one trained on another world or folder is said to be so (a starting point, not a model of these frames)."""
+    mine, note = cfg.env or os.path.abspath(cfg.data), ""
+    for flag, path, ck in (("--init_from", cfg.init_from, init), ("--tokenizer", cfg.tokenizer, tok_from)):
+        if path and ck is not None:
+            theirs = ck["data"]["env"] or ck["data"].get("folder") or "?"
+            note += f" | {flag} {path}, trained on '{theirs}'" + (" (another world)" if theirs != mine else "")
+    return note
 
 
 def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log):
