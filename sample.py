@@ -290,6 +290,8 @@ def parse_actions(text, spec, horizon):
         a = torch.tensor([[float(v) for v in s] for s in cut])
     except ValueError:
         raise UserError(f"could not read --actions '{text}': write {hint}") from None
+    if len(a) > horizon:
+        print(f"note: --actions holds {len(a)} steps and --horizon is {horizon}: the last {len(a) - horizon} {'is' if len(a) - horizon == 1 else 'are'} not used")
     a = torch.cat([a, a[-1:].expand(max(0, horizon - len(a)), -1)])[:horizon]
     if spec["discrete"]:
         if (a < 0).any() or (a >= spec["n_actions"]).any() or (a != a.round()).any():
@@ -420,12 +422,13 @@ def main(argv=None):
     p.add_argument("--out", default="rollout.gif", help="the GIF to write")
     p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
     p.add_argument("--horizon", type=int, default=16, help="frames to roll out after the context")
-    p.add_argument("--steps", type=int, default=4, help="dit: Euler steps per frame")
+    p.add_argument("--steps", type=int, default=None, help="dit: Euler steps per frame (None: 4)")
     p.add_argument("--temperature", type=float, default=None, help="ar: sampling temperature; None: the one the "
                    "checkpoint was evaluated with; 0 picks the most likely code")
     p.add_argument("--top_k", type=int, default=None, help="ar: sample from the k most likely codes (0: all; None: as trained)")
     p.add_argument("--actions", default="", help="drive the third column with these actions instead of another "
-                   "episode's: ids like 4,4,1 (coin: 0 stay 1 up 2 down 3 left 4 right) or vectors like 1,0;0,-1 (pusher)")
+                   "episode's: ids like 4,4,1 (coin: 0 stay 1 up 2 down 3 left 4 right) or vectors like 1,0;0,-1 (pusher), one "
+                   "per rolled-out frame: a shorter list repeats its last action, a longer one is cut at --horizon")
     p.add_argument("--play", action="store_true", help="play inside the learned world: a window driven by the arrows "
                    "and space (r restarts, q quits); with --keys, headless, into the GIF --out")
     p.add_argument("--keys", default=None, help="--play: a scripted sequence of keys, e.g. right,right,up,space,none,left")
@@ -437,6 +440,11 @@ def main(argv=None):
     device, _, why = pick_device(a.device)
     model, ck = load_model(a.ckpt, device)
     trained = ck["config"]
+    ignored = [f for f, v in ((("--steps", a.steps),) if ck["backbone"] == "ar" else
+                              (("--temperature", a.temperature), ("--top_k", a.top_k))) if v is not None]
+    if ignored:
+        print(f"note: {a.ckpt} holds a '{ck['backbone']}' model, which samples without {', '.join(ignored)}: ignored")
+    a.steps = a.steps or 4
     a.temperature = (trained.get("temperature") or 0.0) if a.temperature is None else a.temperature
     a.top_k = (trained.get("top_k") or 0) if a.top_k is None else a.top_k
     sampling = dict(steps=a.steps, temperature=a.temperature, top_k=a.top_k)
@@ -461,7 +469,7 @@ def check_args(a):
     """The flags that need no checkpoint, checked before one is loaded."""
     if not a.ckpt:
         raise UserError("--ckpt is required: a checkpoint written by train.py")
-    if a.n < 1 or a.steps < 1 or a.horizon < 1:
+    if a.n < 1 or a.horizon < 1 or (a.steps is not None and a.steps < 1):
         raise UserError(f"--n, --steps and --horizon must be at least 1 (got {a.n}, {a.steps}, {a.horizon})")
     if a.n > 64:
         raise UserError(f"--n {a.n}: one GIF shows 64 episodes at most (a row each); pass fewer")

@@ -658,7 +658,10 @@ def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_p
     ckpt = tiny_run / "out" / "ckpt.pt"
     r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gif"), "--horizon", "4",
             "--actions", "4,4,1", cwd=str(tiny_run))                                           # run where the data cache is
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0 and "note" not in r.stdout, r.stderr[-2000:]
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "x.gif"), "--horizon", "2",
+            "--actions", "4,4,1", "--temperature", "0.5", cwd=str(tiny_run))           # what does nothing is said
+    assert r.returncode == 0 and "without --temperature: ignored" in r.stdout and "the last 1 is not used" in r.stdout
     assert Image.open(tmp_path / "x.gif").n_frames > 1
     r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "y.gif"), "--horizon", "99",
             "--n", "1", cwd=str(tiny_run))                                # longer than any episode: drawn shorter, said
@@ -827,7 +830,7 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
         data.main(["--preview", str(tmp_path / "x.txt")])
     import sample                                    # sample.py's flags are checked before the checkpoint loads
     for args, match in ((["--keys", "right"], "add --play"), (["--play", "--keys", "right,,left"], "'' is not a key"),
-                        (["--n", "1000"], "64 episodes at most"),
+                        (["--n", "1000"], "64 episodes at most"), (["--steps", "0"], "at least 1"),
                         (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder")):
         with pytest.raises(UserError, match=match):
             sample.main(["--ckpt", str(tmp_path / "never_read.pt"), *args])
