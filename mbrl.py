@@ -680,6 +680,7 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
         uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0,
                              resample_still=0, frame_skip=cfg.frame_skip)
         buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
+        log(f"[seed {seed}] first fit: {cfg.fit_iters} iterations on {cfg.seed_episodes} random-action episodes ...")
         wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
         shared = time.time() - t0
         log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "

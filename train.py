@@ -1091,7 +1091,10 @@ def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist,
     """Data (built once, by the first process), the stages, the evaluation -> metrics (None on other processes)."""
     if dist.main:                                     # the first process builds the corpora, the others read them
         for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
+            t0 = time.time()
             data = load_corpus(DataConfig(**desc["data"]), labelled)
+            log(f"{'labelled' if labelled else 'action-free'} corpus: {len(data.train['frames'])} episodes to train on, "
+                f"{len(data.test['frames'])} held out ({time.time() - t0:.0f} s)")
         check_lengths(data, desc["model_args"]["clip_len"], cfg.horizon)        # can it train and evaluate?
     dist.barrier()
     t0 = time.time()
