@@ -591,12 +591,17 @@ class Progress:
     """What a run has done so far, in <out>/progress.pt: each finished seed's results, the first fit of the seed in
     progress, and the state after the last finished round of the kind in progress (agent, buffer, generators, curve).
     Written after the first fit and after every round, so a stopped run loses at most the fit or round it was in;
-    --resume continues from it (the same draws as a run never stopped); removed once results.json is written."""
-    FREE = {"resume", "device", "compile", "out"}         # flags a resumed run may change
+    --resume continues from it (the same draws as a run never stopped; with another --compile, up to float rounding);
+    removed once results.json is written. A run resumes on the kind of device it ran on (generators, precision and the
+    planner's batching differ by device)."""
+    FREE = {"resume", "device", "compile", "out"}         # flags a resumed run may change (the device's kind is checked)
 
-    def __init__(self, cfg):
-        self.path, self.cfg = os.path.join(cfg.out, "progress.pt"), cfg
-        self.s = dict(format=CKPT_FORMAT, backbone=cfg.backbone, config=asdict(cfg), seeds={}, fitted=None, live=None)
+    def __init__(self, cfg, device):
+        self.path, self.cfg, self.t0 = os.path.join(cfg.out, "progress.pt"), cfg, time.time()
+        self.s = dict(format=CKPT_FORMAT, backbone=cfg.backbone, config=asdict(cfg), device=device.type, wall=0.0,
+                      seeds={}, fitted=None, live=None)
+        if os.path.exists(self.path + ".tmp"):            # a save the stop cut short (the file before it is whole)
+            os.remove(self.path + ".tmp")
         if not os.path.exists(self.path):
             if cfg.resume:
                 print(f"note: --resume found no {self.path}: starting the run from the beginning")
@@ -608,10 +613,18 @@ class Progress:
         if changed := [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and k not in self.FREE
                        and mine[k] != theirs[k]]:
             raise UserError(f"{self.path} was run with other flags: {', '.join(changed)}: pass the run's own, or another --out")
+        if prev["device"] != device.type:
+            raise UserError(f"{self.path} was run on {prev['device']}, and this run is on {device.type}: pass --device "
+                            f"{prev['device']} (a run continues on the kind of device it started on)")
         self.s = dict(prev, config=mine)
 
+    def wall(self):
+        """Seconds of work in every process of this run so far."""
+        return self.s["wall"] + time.time() - self.t0
+
     def save(self, **parts):
-        self.s.update(parts)
+        self.s.update(parts, wall=self.wall())
+        self.t0 = time.time()
         save_checkpoint(self.path, self.s)
 
     def done(self):
@@ -689,6 +702,7 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
     desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len,
                                                          frame_skip=cfg.frame_skip)))
     out = progress.s["seeds"].setdefault(seed, {})                          # kinds finished before a stop
+    bar.update(sum(k in out for k in kinds) * (cfg.rounds + 1))
     for kind in (k for k in kinds if k not in out):
         live = progress.s["live"]
         live = live if live is not None and (live["seed"], live["kind"]) == (seed, kind) else None
@@ -716,7 +730,8 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
     -> curve, decision times, wall seconds."""
     steps = int((buffer["lengths"] - 1).sum())
     starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, seed)
-    curve, dec_times, first, t0 = [], [], 0, time.time()
+    curve, dec_times, first, t0, fitted = [], [], 0, time.time(), len(buffer["frames"])
+    played = lambda: {k: v[fitted:] for k, v in buffer.items()}          # the episodes since the first fit
 
     def evaluate():
         w = cfg.world(agent.size, cfg.eval_episodes, seed=10_000 + seed)
@@ -740,7 +755,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
 
     def save(r):
         if progress is not None:
-            progress.save(live=dict(seed=seed, kind=kind, round=r, agent=agent.state(), buffer=tensors(buffer),
+            progress.save(live=dict(seed=seed, kind=kind, round=r, agent=agent.state(), played=tensors(played()),
                                     rng=rng_state(rng), starts=starts.state(), curve=curve, times=dec_times, steps=steps,
                                     wall=prior + time.time() - t0))
 
@@ -750,7 +765,8 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
         save(0)
     else:                                                                   # a stopped run, after its round `first`
         agent.load_state(live["agent"]); starts.load_state(live["starts"])
-        buffer, rng, steps, first, prior = arrays(live["buffer"]), numpy_rng(live["rng"]), live["steps"], live["round"], live["wall"]
+        buffer, rng, steps, first, prior = (merge(buffer, arrays(live["played"])), numpy_rng(live["rng"]), live["steps"],
+                                            live["round"], live["wall"])
         curve, dec_times = [tuple(c) for c in live["curve"]], list(live["times"])
         bar.update(first + 1)
         log(f"[{kind} seed {seed}] resume: after round {first} of {cfg.rounds}, from {progress.path}")
@@ -868,18 +884,19 @@ def main(cfg):
 
 
 def stop_now(signum, frame):
-    raise KeyboardInterrupt
+    stop = KeyboardInterrupt()
+    stop.signum = signum
+    raise stop
 
 
 def study(cfg, spec, device, why, log, kinds):
     """Every seed's learned-model runs (one per imagination kind) and baselines -> results.json, curves.png."""
-    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    seeds, progress = range(cfg.first_seed, cfg.first_seed + cfg.seeds), Progress(cfg, torch.device(device))
     log(f"device: {why} | world '{cfg.env}' | imagination {cfg.imagination} | seeds {seeds[0]}..{seeds[-1]} | out {cfg.out}")
-    t_start = time.time()
     methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds}
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
     bar = tqdm(total=cfg.seeds * len(kinds) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
-    dec, progress = [], Progress(cfg)
+    dec = []
     term = signal.signal(signal.SIGTERM, stop_now)                        # a kill says how to resume, as Ctrl-C does
     try:
         for seed in seeds:
@@ -902,11 +919,11 @@ def study(cfg, spec, device, why, log, kinds):
             base["random"]["final"].append(R_rand); base["oracle_mpc"]["final"].append(R_orc)
             base["oracle_mpc"]["decision_ms"].append(round(1000 * t_orc, 1))
             log(f"[seed {seed}] random {R_rand:.3f} | MPC in the true simulator {R_orc:.3f}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not os.path.exists(progress.path):             # stopped in the first fit: nothing to continue from
             raise
         raise Stopped(f"{progress.path} holds the work up to the last finished fit or round. Continue with: "
-                      f"{resume_command(SimpleNamespace(world=1))}", 130) from None
+                      f"{resume_command(SimpleNamespace(world=1))}", 128 + getattr(e, "signum", signal.SIGINT)) from None
     finally:
         signal.signal(signal.SIGTERM, term)
     bar.close()
@@ -918,7 +935,7 @@ def study(cfg, spec, device, why, log, kinds):
                    methods={**methods, **base}, decision_ms=round(1000 * float(np.mean(dec)), 1),
                    decision_note=f"one MPC decision for {cfg.eval_episodes} worlds at once, {cfg.candidates} candidates "
                                  f"x {cfg.cem_iters} CEM iterations, horizon {cfg.horizon}, on {why}",
-                   wall_s=round(time.time() - t_start, 1), device=why, config=asdict(cfg))
+                   wall_s=round(progress.wall(), 1), device=why, config=asdict(cfg))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     progress.done()

@@ -669,17 +669,36 @@ def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_p
     assert 1 < Image.open(tmp_path / "y.gif").n_frames < 99
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
-    common = ["--stage", "scratch", "--env", "pusher", "--margin", "0", "--data_dir", str(tmp_path / "data"), *TINY_FLAGS]
-    assert run("train.py", "--out", str(tmp_path / "a"), "--max_iters", "6", *common).returncode == 0
-    assert run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "3", *common).returncode == 0
-    r = run("train.py", "--out", str(tmp_path / "b"), "--max_iters", "6", "--resume", *common)
-    assert r.returncode == 0 and "resumed scratch" in r.stdout, r.stderr[-2000:]
-    assert "scratch was planned for 3 iterations and continues to 6" in r.stdout      # (the lr schedule changes: said)
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A run stopped at step 3 of 6 (by a signal sent from inside step 3) and resumed ends with the weights of one
+    never stopped: data order, noise, optimizer and the learning-rate schedule all continue. A run planned for 3 steps
+    and continued to 6 follows a new schedule, and says so."""
+    import train
+    from envs import Stopped
+    common = ["--stage", "scratch", "--env", "pusher", "--margin", "0", "--data_dir", str(tmp_path / "data"),
+              "--max_iters", "6", *TINY_FLAGS]
+    train.train(train.parse_args(["--out", str(tmp_path / "a"), *common]))
+    step = train.StageTrainer.step
+
+    def stop_in_step_3(self, i):
+        loss = step(self, i)
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGINT)                           # as Ctrl-C: the step finishes, then it saves
+        return loss
+    monkeypatch.setattr(train.StageTrainer, "step", stop_in_step_3)
+    with pytest.raises(Stopped, match="at step 3/6"):
+        train.train(train.parse_args(["--out", str(tmp_path / "b"), *common]))
+    monkeypatch.undo()
+    train.train(train.parse_args(["--out", str(tmp_path / "b"), "--resume", *common]))
+    assert "resumed scratch" in (tmp_path / "b" / "train.log").read_text()
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert b["step"] == 6 and b["model_args"]["margin"] == 0               # an explicit 0 is not "unset"
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    short = [f if f != "6" else "3" for f in common]
+    assert run("train.py", "--out", str(tmp_path / "c"), *short).returncode == 0
+    r = run("train.py", "--out", str(tmp_path / "c"), "--resume", *common)
+    assert r.returncode == 0 and "scratch was planned for 3 iterations and continues to 6" in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -1576,20 +1595,21 @@ def test_play_follows_the_keys(tiny_run, tmp_path):
 
 
 def test_a_stopped_mbrl_run_resumes_to_the_results_of_one_never_stopped(tmp_path, monkeypatch):
-    """Ctrl-C in the second seed's first round: progress.pt holds the first seed and the second's state after its
-    last finished round; --resume (only with the run's own flags) ends with the curves and baselines of a run never
-    stopped, and removes progress.pt. Without --resume the folder is refused, nothing overwritten."""
+    """Ctrl-C in the second seed's second kind of imagination, after its first round: progress.pt holds the first
+    seed, the second's first fit and first kind, and the second kind's state after its last finished round;
+    --resume (only with the run's own flags, on the same kind of device) ends with the curves, baselines and weights
+    of a run never stopped, and removes progress.pt. Without --resume the folder is refused, nothing overwritten."""
     import mbrl
     from envs import Stopped
     flags = ["--seed_episodes", "6", "--rounds", "2", "--episodes", "2", "--fit_iters", "2", "--update_iters", "2",
              "--value_iters", "2", "--eval_episodes", "2", "--eval_every", "1", "--candidates", "8", "--elites", "2",
-             "--compile", "false", "--seeds", "2"]
+             "--compile", "false", "--seeds", "2", "--imagination", "both"]
     whole = mbrl.main(mbrl.parse_args(flags + ["--out", str(tmp_path / "a")]))
     save, out = mbrl.Progress.save, ["--out", str(tmp_path / "b")]
 
     def stop_in_round_2_of_seed_1(self, **parts):
         save(self, **parts)
-        if (parts.get("live") or {}).get("seed") == 1 and parts["live"]["round"] == 1:
+        if (parts.get("live") or {}).get("seed") == 1 and parts["live"]["kind"] == "uniform" and parts["live"]["round"] == 1:
             raise KeyboardInterrupt
     monkeypatch.setattr(mbrl.Progress, "save", stop_in_round_2_of_seed_1)
     with pytest.raises(Stopped, match="--resume"):
@@ -1601,14 +1621,20 @@ def test_a_stopped_mbrl_run_resumes_to_the_results_of_one_never_stopped(tmp_path
         with pytest.raises(UserError, match=match):
             mbrl.main(mbrl.parse_args(flags + argv))
     assert (tmp_path / "b" / "progress.pt").read_bytes() == before
+    saved = torch.load(tmp_path / "b" / "progress.pt", weights_only=True)
+    torch.save(dict(saved, device="cuda"), tmp_path / "b" / "progress.pt")
+    with pytest.raises(UserError, match="was run on cuda, and this run is on cpu"):
+        mbrl.main(mbrl.parse_args(flags + out + ["--resume"]))
+    torch.save(saved, tmp_path / "b" / "progress.pt")
     resumed = mbrl.main(mbrl.parse_args(flags + out + ["--resume"]))
-    for name in ("model_mpc_prioritized", "random", "oracle_mpc"):
+    for name in ("model_mpc_prioritized", "model_mpc_uniform", "random", "oracle_mpc"):
         for key in ("final", "curves", "env_steps"):
             assert resumed["methods"][name].get(key) == whole["methods"][name].get(key), (name, key)
-    assert not (tmp_path / "b" / "progress.pt").exists() and "resume: after round 1 of 2" in (tmp_path / "b" / "mbrl.log").read_text()
-    a, b = (torch.load(tmp_path / d / "world_model_prioritized_seed1.pt", weights_only=True) for d in "ab")
-    for part in ("model", "reward", "value"):                          # the same weights: every state was restored
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert not (tmp_path / "b" / "progress.pt").exists() and "[uniform seed 1] resume: after round 1 of 2" in (tmp_path / "b" / "mbrl.log").read_text()
+    for kind in ("prioritized", "uniform"):
+        a, b = (torch.load(tmp_path / d / f"world_model_{kind}_seed1.pt", weights_only=True) for d in "ab")
+        for part in ("model", "reward", "value"):                      # the same weights: every state was restored
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), (kind, part)
 
 
 def test_mbrl_plans_in_a_gymnasium_game_from_pixels(tmp_path):

@@ -1065,13 +1065,13 @@ def check_lengths(data, clip_len, horizon):
     `horizon` frames (each starts after an episode's first frame); else a UserError with the flags that would fit."""
     k, train, held = clip_len - 1, data.train["lengths"], data.test["lengths"]
     if train.max() < clip_len + 1:
+        fix = f"pass --clip_len {int(train.max()) - 1} or less" if train.max() >= 3 else "record longer episodes"
         raise UserError(f"the longest training episode holds {train.max()} frames, and a clip of --clip_len {clip_len} "
-                        f"needs {clip_len + 1} (it starts after the first): pass --clip_len {max(2, int(train.max()) - 1)} "
-                        f"or less, or record longer episodes")
+                        f"needs {clip_len + 1} (it starts after the first): {fix}")
     if held.max() < k + horizon + 1:
-        fits = [int(n) - 1 - k for n in (np.median(held), held.max()) if n - 1 - k >= 1]
-        fix = (f"pass --horizon {fits[0]} (half the held-out episodes fit it; at most {fits[-1]})" if fits else
-               f"pass a shorter --clip_len (the context is {k} frames)")
+        most, half = int(held.max()) - 1 - k, int(np.median(held)) - 1 - k
+        fix = (f"pass --horizon {half} (half the held-out episodes fit it; at most {most})" if half >= 1 else
+               f"pass --horizon {most} or less" if most >= 1 else f"pass a shorter --clip_len (the context is {k} frames)")
         raise UserError(f"the longest held-out episode holds {held.max()} frames, and evaluating --horizon {horizon} "
                         f"frames after {k} of context needs {k + horizon + 1}: {fix}, or record longer episodes")
 
