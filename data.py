@@ -20,8 +20,9 @@ and `--pretrain_data` read): a folder of compressed numpy shards, each holding s
                      actions  int (E, L) ids, or float (E, L, A) in [-1, 1]     labelled folders only
                      rewards  float (E, L), ends bool (E, L), finite            optional (default 0 and False)
     meta.json        {"format": "nanoworld-episodes-1", "env": "gym:ALE/Breakout-v5" or null, "size": S,
-                      "spec": {"discrete": true, "n_actions": 4, "action_dim": 0}}      (needed for actions;
+                      "spec": {"discrete": true, "n_actions": 4, "action_dim": 0},     (needed for actions;
                       the spec may add "keys": {"left": 3, ...}, play's key names -> actions)
+                      "episodes": E, "frame_skip": 1}       (optional: checked against the shards; what --record used)
 
 Shards may hold episodes of different lengths (they are padded on loading); frames of one folder share one size
 (they are resized to the run's --size if it differs). A malformed file is a one-line error naming it.

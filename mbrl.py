@@ -608,7 +608,10 @@ class Progress:
             return
         if not cfg.resume:
             raise UserError(f"{cfg.out} holds a stopped run ({self.path}): pass --resume to continue it, or another --out")
-        prev = read_checkpoint(self.path)
+        try:
+            prev = read_checkpoint(self.path)
+        except UserError as e:
+            raise UserError(f"{e}; delete it to start this run over") from None
         mine, theirs = asdict(cfg), prev["config"]
         if changed := [f"--{k} {mine[k]} (the run has {theirs[k]})" for k in mine if k in theirs and k not in self.FREE
                        and mine[k] != theirs[k]]:
@@ -874,8 +877,9 @@ def main(cfg):
     spec = world.spec
     logf = open(os.path.join(cfg.out, "mbrl.log"), "a")
 
-    def log(msg):
-        tqdm.write(msg)
+    def log(msg, echo=True):
+        if echo:                                      # (a stop's message reaches the terminal once, on exit)
+            tqdm.write(msg)
         logf.write(msg + "\n"); logf.flush()
     if cfg.bench:
         return bench(cfg, spec, device, why, log)
@@ -920,10 +924,11 @@ def study(cfg, spec, device, why, log, kinds):
             base["oracle_mpc"]["decision_ms"].append(round(1000 * t_orc, 1))
             log(f"[seed {seed}] random {R_rand:.3f} | MPC in the true simulator {R_orc:.3f}")
     except KeyboardInterrupt as e:
-        if not os.path.exists(progress.path):             # stopped in the first fit: nothing to continue from
-            raise
-        raise Stopped(f"{progress.path} holds the work up to the last finished fit or round. Continue with: "
-                      f"{resume_command(SimpleNamespace(world=1))}", 128 + getattr(e, "signum", signal.SIGINT)) from None
+        msg = (f"{progress.path} holds the work up to the last finished fit or round. Continue with: "
+               f"{resume_command(SimpleNamespace(world=1))}" if os.path.exists(progress.path) else
+               "in the first fit, before anything was saved: the same command starts the run again")
+        log(f"stopped: {msg}", echo=False)
+        raise Stopped(msg, 128 + getattr(e, "signum", signal.SIGINT)) from None
     finally:
         signal.signal(signal.SIGTERM, term)
     bar.close()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from envs import KEYS, UserError, check_out_file, keys_for, run_cli
-from data import ClipSampler, DataConfig, load_corpus, spread_clips, to_uint8
+from data import ClipSampler, DataConfig, cache_path, load_corpus, spread_clips, to_uint8
 from model import BACKBONES, VideoGPT, make_generator, pick_device
 from adapter import WorldModel, check_actions
 
@@ -267,7 +267,11 @@ def heldout_clips(ck, n, length):
     if folder and not os.path.isdir(folder):
         raise UserError(f"this checkpoint was trained on the folder '{folder}', which is not there: its held-out "
                         f"episodes give the contexts, so put the folder back at that path")
-    data = load_corpus(DataConfig(**ck["data"]), labelled=True, progress=False)
+    cfg = DataConfig(**ck["data"])
+    if not folder and not os.path.exists(os.path.join(cache_path(cfg, True), "meta.json")):
+        print(f"note: the checkpoint's held-out episodes are generated anew into {cfg.data_dir}/ (its corpus is not "
+              f"cached here; as it was made, so the same episodes)")
+    data = load_corpus(cfg, labelled=True, progress=False)
     length = min(length, int(data.test["lengths"].max()) - 1)
     e, s = spread_clips(data.test["lengths"], length, n)
     return ClipSampler(data.test, length).clips(e, s)
@@ -443,7 +447,7 @@ def main(argv=None):
     ignored = [f for f, v in ((("--steps", a.steps),) if ck["backbone"] == "ar" else
                               (("--temperature", a.temperature), ("--top_k", a.top_k))) if v is not None]
     if ignored:
-        print(f"note: {a.ckpt} holds a '{ck['backbone']}' model, which samples without {', '.join(ignored)}: ignored")
+        print(f"note: {a.ckpt} holds the '{ck['backbone']}' backbone, which samples without {', '.join(ignored)}: ignored")
     a.steps = a.steps or 4
     a.temperature = (trained.get("temperature") or 0.0) if a.temperature is None else a.temperature
     a.top_k = (trained.get("top_k") or 0) if a.top_k is None else a.top_k
@@ -454,7 +458,7 @@ def main(argv=None):
     if ck.get("adapter") == "none":
         print(f"note: {a.ckpt} has no action module (adapter 'none'): its rollouts under other actions are the same")
     n, H = compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, **sampling)
-    print(f"wrote {a.out}: {n} held-out episodes of {source(ck)}" +
+    print(f"wrote {a.out}: {n} held-out episode{'s' * (n != 1)} of {source(ck)}" +
           (f" ({a.n} asked: the held-out split holds {n})" if n < a.n else "") + f", {H} frames" +
           (f" ({a.horizon} asked: the held-out episodes hold {H} after the context)" if H < a.horizon else "") + f" ({why})")
 
@@ -470,7 +474,7 @@ def check_args(a):
     if not a.ckpt:
         raise UserError("--ckpt is required: a checkpoint written by train.py")
     if a.n < 1 or a.horizon < 1 or (a.steps is not None and a.steps < 1):
-        raise UserError(f"--n, --steps and --horizon must be at least 1 (got {a.n}, {a.steps}, {a.horizon})")
+        raise UserError(f"--n, --steps and --horizon must be at least 1 (got {a.n}, {a.steps or 'unset'}, {a.horizon})")
     if a.n > 64:
         raise UserError(f"--n {a.n}: one GIF shows 64 episodes at most (a row each); pass fewer")
     if (a.temperature or 0) < 0 or (a.top_k or 0) < 0:

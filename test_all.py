@@ -523,6 +523,23 @@ def test_mfu_reads_the_device_by_name_and_counts_one_process_share(monkeypatch):
     assert throughput(2 * 989e12, 1000, "cuda", world=2).startswith("MFU 100.0% of H200")
 
 
+def test_a_training_step_too_big_for_the_cpu_memory_is_said_before_it_is_killed(monkeypatch):
+    """The gpu preset at batch 64 needs ~50 GB of activations on a CPU: the kernel killed it without a word on a
+    24 GB machine; now the first lines say so and name a batch size that fits. The tiny preset says nothing."""
+    import train
+    monkeypatch.setattr(train.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 24 * 2 ** 30 // 4096)
+    notes = []
+    for argv in (["--preset", "gpu"], []):
+        cfg = train.parse_args(argv)
+        train.resolve(cfg, torch.device("cpu"))
+        notes.append(train.memory_note(cfg, train.describe(cfg, None, None)["model_args"]))
+    fits = int(re.search("--batch_size ([0-9]+) fits", notes[0]).group(1))
+    assert "would likely be killed" in notes[0] and 1 <= fits < 64 and notes[1] == ""
+    cfg = train.parse_args(["--preset", "gpu", "--batch_size", str(fits)])
+    train.resolve(cfg, torch.device("cpu"))
+    assert train.memory_note(cfg, train.describe(cfg, None, None)["model_args"]) == ""
+
+
 def test_a_short_stage_still_reaches_the_peak_learning_rate():
     """--max_iters 50 with the default 100 warm-up steps once trained at half the learning rate at most."""
     from train import lr_at, parse_args

@@ -231,7 +231,7 @@ def resolve(cfg, device):
     unused = [f"--{k}" for k in ("n_labelled", "n_free", "episode_len") if getattr(cfg, k) is not None and
               (cfg.data or (k == "n_free" and cfg.pretrain_data))]
     if unused:
-        raise UserError(f"{', '.join(unused)} sets the generated corpus, and the episodes come from "
+        raise UserError(f"{', '.join(unused)} {'sets' if len(unused) == 1 else 'set'} the generated corpus, and the episodes come from "
                         f"{'--data' if cfg.data else '--pretrain_data'}: drop {', '.join(unused)}")
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
         if not os.path.isdir(cfg.data):
@@ -250,6 +250,7 @@ def resolve(cfg, device):
                 raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its spec {meta['spec']} is not the action space "
                                 f"of its env {meta['env']} ({ {k: spec[k] for k in ('discrete', 'n_actions', 'action_dim')} }): "
                                 f"fix the spec, or the env")
+        fixed |= {"size"} if cfg.size is None and meta.get("size") else set()      # the folder's, not a change
         cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
         if cfg.frame_skip and meta.get("frame_skip") not in (None, cfg.frame_skip):
             raise UserError(f"--frame_skip {cfg.frame_skip} but --data {cfg.data} was recorded with frame_skip "
@@ -272,9 +273,9 @@ def resolve(cfg, device):
     for k, v in preset.items():
         if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    check_model_flags(cfg)
     if not cfg.data:                                  # the worlds and games render these sizes (a folder is resized)
         check_size(cfg.size, "--size ")
+    check_model_flags(cfg)
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
@@ -576,6 +577,22 @@ def lr_at(step, cfg, iters):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def memory_note(cfg, margs):
+    """On a CPU: a note when one training step's activations would not fit in this machine's memory (the kernel then
+    kills the run without a word), with a --batch_size that fits. The estimate keeps, per token and block, about 20
+    floats per channel and one attention row (measured: the gpu preset's DiT at batch 4, 3.3 GB estimated, 3.8 used)."""
+    cell = margs["patch"] if cfg.backbone == "dit" else 2 ** margs["down"]
+    T = margs["clip_len"] * (margs["size"] // cell) ** 2                    # tokens in one clip
+    per_clip = T * margs["depth"] * (20 * margs["width"] + margs["heads"] * T) * 4
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_clip * cfg.batch_size < 0.7 * ram:
+        return ""
+    fits = int(0.5 * ram // per_clip)
+    return (f"note: a training step at --batch_size {cfg.batch_size} holds about {per_clip * cfg.batch_size / 2 ** 30:.0f} "
+            f"GB of activations ({T} tokens a clip) and this machine has {ram / 2 ** 30:.0f} GB: it would likely be "
+            f"killed; " + (f"--batch_size {fits} fits" if fits else "a smaller model or --clip_len fits"))
+
+
 def throughput(flops, ms, device, world=1):
     """`flops` done in `ms` milliseconds by `world` processes, as one process's share: MFU against its device's dense
     bf16 peak where known, else GFLOP/s."""
@@ -736,9 +753,12 @@ class StageTrainer:
     def job(self, path, log):
         m, b = self.model, self.model.backbone
         n_adapter = sum(p.numel() for p in m.adapter.parameters()) if m.adapter is not None else 0
+        adapter = f"{n_adapter / 1e6:.3f}M in the '{self.ck['adapter']}' adapter" if m.adapter is not None else "no adapter"
+        warmup = min(self.cfg.warmup, self.iters // 2)
         log(f"--- {self.ck['stage']}: {self.iters} iters, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
-            f"({n_adapter / 1e6:.3f}M in the '{self.ck['adapter']}' adapter), {len(self.data.train['frames'])} training "
-            f"episodes" + (f", {self.dist.world} processes (DDP)" if self.dist.world > 1 else ""))
+            f"({adapter}), {len(self.data.train['frames'])} training episodes" +
+            (f", warm-up {warmup} steps (--warmup {self.cfg.warmup}: at most half the stage)" if warmup < self.cfg.warmup else "") +
+            (f", {self.dist.world} processes (DDP)" if self.dist.world > 1 else ""))
         if self.start:
             log(f"resumed {self.ck['stage']} from {path} at step {self.start}/{self.iters}")
         B = self.cfg.batch_size
@@ -835,7 +855,7 @@ def plan_stages(cfg):
         stages = ["tokenizer"] + stages
     if init is not None:
         if init["backbone"] != cfg.backbone:
-            raise UserError(f"--init_from {cfg.init_from} holds a '{init['backbone']}' backbone, not '{cfg.backbone}': "
+            raise UserError(f"--init_from {cfg.init_from} holds the '{init['backbone']}' backbone, not '{cfg.backbone}': "
                             f"pass --backbone {init['backbone']} or another checkpoint")
         stages = [s for s in stages if s != "pretrain"]
         if not stages:
@@ -1049,6 +1069,8 @@ def train(cfg):
         log(f"device: {why} | preset '{cfg.preset}' ({expect}) | world '{cfg.env or cfg.data}' | stages "
             f"{' -> '.join(stages)} | out {cfg.out}" + origins(cfg, init, tok_from) +
             (f" | DDP world size {dist.world}" if dist.world > 1 else ""))
+        if device.type == "cpu" and (note := memory_note(cfg, desc["model_args"])):
+            log(note)
         try:
             m = run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log)
         except UserError as e:                        # the log says why the run stopped, as the terminal does
@@ -1060,20 +1082,24 @@ def train(cfg):
     return m
 
 
-def check_lengths(data, clip_len, horizon):
+def check_lengths(data, clip_len, horizon, clip_fixed=False):
     """Whether the labelled corpus holds training clips of clip_len frames and held-out clips of the context and
-    `horizon` frames (each starts after an episode's first frame); else a UserError with the flags that would fit."""
-    k, train, held = clip_len - 1, data.train["lengths"], data.test["lengths"]
-    if train.max() < clip_len + 1:
-        fix = f"pass --clip_len {int(train.max()) - 1} or less" if train.max() >= 3 else "record longer episodes"
-        raise UserError(f"the longest training episode holds {train.max()} frames, and a clip of --clip_len {clip_len} "
-                        f"needs {clip_len + 1} (it starts after the first): {fix}")
-    if held.max() < k + horizon + 1:
-        most, half = int(held.max()) - 1 - k, int(np.median(held)) - 1 - k
-        fix = (f"pass --horizon {half} (half the held-out episodes fit it; at most {most})" if half >= 1 else
-               f"pass --horizon {most} or less" if most >= 1 else f"pass a shorter --clip_len (the context is {k} frames)")
-        raise UserError(f"the longest held-out episode holds {held.max()} frames, and evaluating --horizon {horizon} "
-                        f"frames after {k} of context needs {k + horizon + 1}: {fix}, or record longer episodes")
+    `horizon` frames; else a UserError naming a --clip_len and --horizon that fit together (clip_fixed: the clip
+    length comes with --init_from, so only the horizon may change)."""
+    train, held = int(data.train["lengths"].max()), int(data.test["lengths"].max())
+    if train >= clip_len + 1 and held >= clip_len + horizon:                 # (a clip starts after frame 0)
+        return
+    c = clip_len if clip_fixed else min(clip_len, train - 1, held - 1)
+    most, half = held - c, int(np.median(data.test["lengths"])) - c       # horizons that fit after c - 1 context frames
+    why = (f"training clips of --clip_len {clip_len} need episodes of {clip_len + 1} frames and evaluating --horizon "
+           f"{horizon} after {clip_len - 1} context frames {clip_len + horizon} (a clip starts after an episode's first "
+           f"frame); the longest training episode holds {train}, the longest held-out {held}")
+    if c < 2 or c > train - 1 or most < 1:
+        raise UserError(f"{why}: record longer episodes" + (" (the --init_from model fixes --clip_len)" if clip_fixed else ""))
+    h = horizon if horizon <= most else half if half >= 1 else most
+    flags = " ".join(([f"--clip_len {c}"] if c != clip_len else []) + ([f"--horizon {h}"] if h != horizon else []))
+    note = f" (half the held-out episodes fit it; at most {most})" if h == half and h != horizon else ""
+    raise UserError(f"{why}: pass {flags}{note}, or record longer episodes")
 
 
 def origins(cfg, init, tok_from):
@@ -1095,7 +1121,7 @@ def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist,
             data = load_corpus(DataConfig(**desc["data"]), labelled)
             log(f"{'labelled' if labelled else 'action-free'} corpus: {len(data.train['frames'])} episodes to train on, "
                 f"{len(data.test['frames'])} held out ({time.time() - t0:.0f} s)")
-        check_lengths(data, desc["model_args"]["clip_len"], cfg.horizon)        # can it train and evaluate?
+        check_lengths(data, desc["model_args"]["clip_len"], cfg.horizon, bool(cfg.init_from))   # train and evaluate?
     dist.barrier()
     t0 = time.time()
     tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
