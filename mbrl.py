@@ -871,7 +871,8 @@ def main(cfg):
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UserError(f"--out {cfg.out} is a file: pass a folder (it holds results.json, curves.png and the log)")
     if not cfg.bench and os.path.exists(os.path.join(cfg.out, "results.json")):
-        raise UserError(f"{cfg.out} already holds a finished run (results.json): pass another --out or delete it")
+        raise UserError(f"{cfg.out} already holds a finished run (results.json)" + (": there is nothing to resume" if
+                        cfg.resume else "") + ": pass another --out or delete it")
     device, _, why = pick_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     spec = world.spec

@@ -1119,7 +1119,9 @@ def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist,
         for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
             t0 = time.time()
             data = load_corpus(DataConfig(**desc["data"]), labelled)
-            log(f"{'labelled' if labelled else 'action-free'} corpus: {len(data.train['frames'])} episodes to train on, "
+            frames_only = bool(cfg.data) and read_meta(cfg.data).get("spec") is None     # (read with no-op actions)
+            kind = "labelled" if labelled and not frames_only else "action-free"
+            log(f"{kind} corpus: {len(data.train['frames'])} episodes to train on, "
                 f"{len(data.test['frames'])} held out ({time.time() - t0:.0f} s)")
         check_lengths(data, desc["model_args"]["clip_len"], cfg.horizon, bool(cfg.init_from))   # train and evaluate?
     dist.barrier()
