@@ -570,11 +570,15 @@ class Logger:
 def lr_at(step, cfg, iters):
     """Linear warm-up over --warmup steps (at most half the stage's, so a short run reaches the peak lr), then
     cosine decay to lr * min_lr_frac."""
-    warmup = min(cfg.warmup, iters // 2)
+    warmup = warmup_steps(cfg, iters)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, iters - warmup))
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def warmup_steps(cfg, iters):
+    return min(cfg.warmup, iters // 2)
 
 
 def memory_note(cfg, margs):
@@ -754,7 +758,7 @@ class StageTrainer:
         m, b = self.model, self.model.backbone
         n_adapter = sum(p.numel() for p in m.adapter.parameters()) if m.adapter is not None else 0
         adapter = f"{n_adapter / 1e6:.3f}M in the '{self.ck['adapter']}' adapter" if m.adapter is not None else "no adapter"
-        warmup = min(self.cfg.warmup, self.iters // 2)
+        warmup = warmup_steps(self.cfg, self.iters)
         log(f"--- {self.ck['stage']}: {self.iters} iters, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters "
             f"({adapter}), {len(self.data.train['frames'])} training episodes" +
             (f", warm-up {warmup} steps (--warmup {self.cfg.warmup}: at most half the stage)" if warmup < self.cfg.warmup else "") +
