@@ -1056,7 +1056,8 @@ def report(ck, cfg, device, why, stages, t0, log):
         json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}, f, indent=1)
     compare_gif(model, ck, os.path.join(cfg.out, "rollout.gif"), device=device, **sampling(cfg))
     log(summary(m))
-    log(f"wrote {cfg.out}/metrics.json and {cfg.out}/rollout.gif in {m['train_seconds'] / 60:.1f} min")
+    log(f"wrote {cfg.out}/metrics.json and {cfg.out}/rollout.gif in {(time.time() - t0) / 60:.1f} min (training and "
+        f"evaluation; the GIF included)")
     return m
 
 
