@@ -597,7 +597,7 @@ class Progress:
     FREE = {"resume", "device", "compile", "out"}         # flags a resumed run may change (the device's kind is checked)
 
     def __init__(self, cfg, device):
-        self.path, self.cfg, self.t0 = os.path.join(cfg.out, "progress.pt"), cfg, time.time()
+        self.path, self.t0 = os.path.join(cfg.out, "progress.pt"), time.time()
         self.s = dict(format=CKPT_FORMAT, backbone=cfg.backbone, config=asdict(cfg), device=device.type, wall=0.0,
                       seeds={}, fitted=None, live=None)
         if os.path.exists(self.path + ".tmp"):            # a save the stop cut short (the file before it is whole)

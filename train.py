@@ -250,7 +250,8 @@ def resolve(cfg, device):
                 raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its spec {meta['spec']} is not the action space "
                                 f"of its env {meta['env']} ({ {k: spec[k] for k in ('discrete', 'n_actions', 'action_dim')} }): "
                                 f"fix the spec, or the env")
-        fixed |= {"size"} if cfg.size is None and meta.get("size") else set()      # the folder's, not a change
+        if cfg.size is None and meta.get("size"):                             # the folder's size, not a change
+            fixed.add("size")
         cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
         if cfg.frame_skip and meta.get("frame_skip") not in (None, cfg.frame_skip):
             raise UserError(f"--frame_skip {cfg.frame_skip} but --data {cfg.data} was recorded with frame_skip "
@@ -1121,10 +1122,10 @@ def origins(cfg, init, tok_from):
 def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist, log):
     """Data (built once, by the first process), the stages, the evaluation -> metrics (None on other processes)."""
     if dist.main:                                     # the first process builds the corpora, the others read them
+        frames_only = bool(cfg.data) and read_meta(cfg.data).get("spec") is None        # (read with no-op actions)
         for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
             t0 = time.time()
             data = load_corpus(DataConfig(**desc["data"]), labelled)
-            frames_only = bool(cfg.data) and read_meta(cfg.data).get("spec") is None     # (read with no-op actions)
             kind = "labelled" if labelled and not frames_only else "action-free"
             log(f"{kind} corpus: {len(data.train['frames'])} episodes to train on, "
                 f"{len(data.test['frames'])} held out ({time.time() - t0:.0f} s)")
