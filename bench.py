@@ -9,7 +9,8 @@
 Every rate is set against a peak measured in the same run, on the same device, in the same dtype: a large matmul
 (2048^3 fp32 on a CPU, 8192^3 bf16 on CUDA). So "% of peak" means the same on a laptop, a 2-core CPU and an H100.
 On CUDA the MFU against the device's nominal dense bf16 peak (model.peak_flops) is shown too. Weights are untrained:
-the cost of a step does not depend on them. Last in the data flow: it imports every other file.
+the cost of a step does not depend on them. Last in the data flow: it may import any file before it (it uses envs,
+model, adapter, loss, sample, train and mbrl).
 """
 import argparse
 import json

@@ -507,7 +507,7 @@ def main(argv=None):
     p.add_argument("--sticky", type=fraction, default=0.75, help="--record: a random action repeats with this probability")
     p.add_argument("--frame_skip", type=natural, default=0, help="--record, gym: repeat each action this many times "
                    "(0: the game's default, 2 for CartPole's 50 steps a second, 1 for Atari v5, 4 for NoFrameskip-v4)")
-    p.add_argument("--seed", type=natural, default=0)
+    p.add_argument("--seed", type=natural, default=0, help="--record, --preview: the seed of the episodes (worlds and actions)")
     a = p.parse_args(argv)
     if a.list:
         print("\n".join(WORLDS))

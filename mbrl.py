@@ -72,7 +72,8 @@ from train import opt, parse_config, resume_command, save_checkpoint
 @dataclass
 class MBRLConfig:
     env: str = opt("coin", "coin, pusher (built in), gym:<id> (e.g. gym:CartPole-v1), procgen:<game>")
-    backbone: str = opt("dit", "world-model backbone: " + ", ".join(BACKBONES) + " (ignored with --init_from)")
+    backbone: str = opt("dit", "world-model backbone: " + ", ".join(BACKBONES) + " (ignored with --init_from; ar plans far "
+                               "slower: the GPT samples each frame code by code)")
     imagination: str = opt("prioritized", "start states of imagined rollouts: prioritized | uniform | both")
     seeds: int = opt(1, "independent runs (seeds first_seed..first_seed+N-1): curves show their mean and spread", AT_LEAST_1)
     first_seed: int = opt(0, "the first seed: adds seeds to an earlier study (seed s is the same run whatever came before)",
@@ -98,6 +99,8 @@ class MBRLConfig:
     episodes: int = opt(8, "MPC episodes played in the real world per round", AT_LEAST_1)
     explore: float = opt(0.2, "probability of a random action while collecting", FRACTION)
     fit_iters: int = opt(4000, "world-model iterations of the first fit", AT_LEAST_0)
+    tokenizer_iters: int = opt(1000, "--backbone ar (without --init_from): VQ tokenizer iterations before the first fit, "
+                                     "on the random-action frames (the GPT models frames as the tokenizer's codes)", AT_LEAST_1)
     motion_weight: float = opt(None, "motion-reinforced loss weight c (loss.py; default: 0 for the built-in worlds, 4 for "
                                      "games, as train.py's games preset: their controlled objects are a few pixels)", AT_LEAST_0)
     model_alpha: float = opt(1.0, "world-model replay: clips drawn with P ∝ (one-step error)^a; 0: uniform", AT_LEAST_0)
@@ -357,6 +360,18 @@ class Agent:
                     value=self.value.state_dict())
 
     # --- fitting on real data
+    def fit_tokenizer(self, buffer, iters, rng_seed):
+        """The GPT's VQ tokenizer (model.py) on single frames of the buffer, then frozen inside the GPT, as train.py's
+        tokenizer stage trains it before the GPT (the codebook starts empty: untrained, every frame is one code)."""
+        tok = self.wm.backbone.tokenizer.requires_grad_(True).train()
+        opt = torch.optim.AdamW(tok.parameters(), lr=2e-3, weight_decay=0.0)    # train.py's: a constant rate
+        frames = ClipSampler(buffer, 1, seed=rng_seed)
+        for _ in tqdm(range(iters), desc="tokenizer", unit="it", disable=None, leave=False):
+            loss, _ = tok.loss(frames.sample(2 * self.cfg.batch_size)["frames"][:, 0].to(self.device), generator=self.g)
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        tok.requires_grad_(False).eval()
+        return loss.item()
+
     def fit(self, buffer, iters, rng_seed):
         """World model and reward head on real clips from the buffer.
 
@@ -696,6 +711,9 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
         uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0,
                              resample_still=0, frame_skip=cfg.frame_skip)
         buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
+        if agent.kind == "ar" and not cfg.init_from:
+            tl = agent.fit_tokenizer(buffer, cfg.tokenizer_iters, rng_seed=int(rng.integers(1 << 30)))
+            log(f"[seed {seed}] tokenizer: {cfg.tokenizer_iters} iterations on single frames | loss {tl:.4f}")
         log(f"[seed {seed}] first fit: {cfg.fit_iters} iterations on {cfg.seed_episodes} random-action episodes ...")
         wl, rl = agent.fit(buffer, cfg.fit_iters, rng_seed=int(rng.integers(1 << 30)))
         shared = time.time() - t0
@@ -743,7 +761,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
         dec_times.extend(times)
         curve.append((steps, R))
         log(f"[{kind} seed {seed}] real steps {steps:6d} | eval return {R:8.3f} | "
-            f"decision {1000 * np.mean(times):.0f} ms for {cfg.eval_episodes} worlds x {cfg.candidates} candidates")
+            f"decision {1000 * np.mean(times):.0f} ms for {cfg.eval_episodes} world{'s' * (cfg.eval_episodes > 1)} x {cfg.candidates} candidates")
 
     def learn(iters):
         msg = ""

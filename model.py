@@ -276,32 +276,30 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # the per-frame VQ tokenizer
 
-def conv_stack(chans, down):
-    """`down` stride-2 convolutions (encoder) or transposed ones (decoder), GELU between."""
-    layers = []
-    for i, (a, b) in enumerate(zip(chans, chans[1:])):
-        layers += [(nn.Conv2d if down else nn.ConvTranspose2d)(a, b, 4, stride=2, padding=1), nn.GELU()]
-    return layers
+def upsampler(chans):
+    """len(chans) - 1 stride-2 transposed convolutions, chans[0] -> chans[-1] channels, each doubling the frame."""
+    return [layer for a, b in zip(chans, chans[1:]) for layer in (nn.ConvTranspose2d(a, b, 4, stride=2, padding=1), nn.GELU())]
 
 
 class VQTokenizer(nn.Module):
     """Frame (C, S, S) in [-1, 1] <-> a G x G grid of code ids, G = S / 2^down.
 
-    Encoder: stride-2 convolutions, then a 1x1 projection to code_dim. Quantiser: the nearest of K codebook
-    vectors; the decoder sees it through the straight-through estimator, z + (q - z).detach(). The codebook is
-    not trained by gradients but as running means of the encoder outputs assigned to each code (EMA, as in
-    VQ-VAE-2), and a code that goes unused is revived: moved onto a random encoder output of the batch.
-    Decoder: the mirror image, transposed convolutions."""
+    Encoder: one P x P patch convolution, P = 2^down (each code sees its own cell only), then 1x1 convolutions to
+    code_dim. Quantiser: the nearest of K codebook vectors; the decoder sees it through the straight-through
+    estimator, z + (q - z).detach(). The codebook is not trained by gradients but as running means of the encoder
+    outputs assigned to each code (EMA, as in VQ-VAE-2), and a code that goes unused is revived: moved onto a
+    random encoder output of the batch.
+    Decoder: a 3x3 convolution, `down` stride-2 transposed convolutions back to S x S, two 3x3 convolutions."""
 
     def __init__(self, channels, down, codes, code_dim, width):
         super().__init__()
         self.down = down
-        chans = [width * 2 ** min(i, 1) for i in range(down + 1)]               # e.g. 64, 128, 128
-        cell = 2 ** down                                                     # each code sees its own cell only
+        chans = [width * 2 ** min(i, 1) for i in range(down + 1)]               # e.g. 32, 64, 64 (decoder: reversed)
+        cell = 2 ** down
         self.enc = nn.Sequential(nn.Conv2d(channels, 4 * width, cell, stride=cell), nn.GELU(),
                                  nn.Conv2d(4 * width, 4 * width, 1), nn.GELU(), nn.Conv2d(4 * width, code_dim, 1))
         r = chans[::-1]
-        self.dec = nn.Sequential(nn.Conv2d(code_dim, r[0], 3, padding=1), nn.GELU(), *conv_stack(r, False),
+        self.dec = nn.Sequential(nn.Conv2d(code_dim, r[0], 3, padding=1), nn.GELU(), *upsampler(r),
                                  nn.Conv2d(r[-1], r[-1], 3, padding=1), nn.GELU(), nn.Conv2d(r[-1], channels, 3, padding=1))
         self.register_buffer("codebook", torch.zeros(codes, code_dim))
         self.register_buffer("usage", torch.zeros(codes))                     # EMA of assignments per batch, per code
@@ -318,17 +316,20 @@ class VQTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """x (..., C, S, S) -> ids (..., G*G), row-major over the grid."""
-        z, flat = self._flat(x.float())
-        return self.quantize(flat).view(*x.shape[:-3], -1)
+        """x (..., C, S, S) -> ids (..., G*G), row-major over the grid. In float32 under autocast too: the tokenizer is
+        trained in float32, and a bf16 distance would pick other codes for some cells than evaluation does."""
+        with torch.autocast(x.device.type, enabled=False):
+            z, flat = self._flat(x.float())
+            return self.quantize(flat).view(*x.shape[:-3], -1)
 
     @torch.no_grad()
     def decode(self, ids):
-        """ids (..., G*G) -> frames (..., C, S, S) in [-1, 1]."""
+        """ids (..., G*G) -> frames (..., C, S, S) in [-1, 1], in float32 as encode."""
         G = math.isqrt(ids.shape[-1])
         q = self.codebook[ids.flatten(0, -2)].view(-1, G, G, self.codebook.shape[1]).permute(0, 3, 1, 2)
         S = G * 2 ** self.down
-        return self.dec(q).clamp(-1, 1).view(*ids.shape[:-1], -1, S, S)
+        with torch.autocast(ids.device.type, enabled=False):
+            return self.dec(q).clamp(-1, 1).view(*ids.shape[:-1], -1, S, S)
 
     def loss(self, x, beta=0.25, decay=0.99, revive=1.0, generator=None):
         """One training step's loss on frames x (M, C, S, S); in training mode, also updates the codebook (EMA),
@@ -363,7 +364,7 @@ class ARConfig:
     down: int = 2           # the tokenizer halves the frame `down` times: G = size / 2^down tokens a side
     codes: int = 512        # codebook size K
     code_dim: int = 32
-    tok_width: int = 32     # tokenizer channels (the first layer; later ones double it once)
+    tok_width: int = 32     # tokenizer channels: the decoder's last layers (its first ones twice this), the encoder's 4x
     clip_len: int = 3       # longest clip the GPT sees at once, in frames
     width: int = 128
     depth: int = 4

@@ -426,7 +426,7 @@ def main(argv=None):
     p.add_argument("--out", default="rollout.gif", help="the GIF to write")
     p.add_argument("--n", type=int, default=4, help="held-out episodes to show")
     p.add_argument("--horizon", type=int, default=16, help="frames to roll out after the context")
-    p.add_argument("--steps", type=int, default=None, help="dit: Euler steps per frame (None: 4)")
+    p.add_argument("--steps", type=int, default=None, help="dit: Euler steps per frame (default: the --sample_steps the checkpoint was evaluated with, else 4)")
     p.add_argument("--temperature", type=float, default=None, help="ar: sampling temperature; None: the one the "
                    "checkpoint was evaluated with; 0 picks the most likely code")
     p.add_argument("--top_k", type=int, default=None, help="ar: sample from the k most likely codes (0: all; None: as trained)")
@@ -437,21 +437,13 @@ def main(argv=None):
                    "and space (r restarts, q quits); with --keys, headless, into the GIF --out")
     p.add_argument("--keys", default=None, help="--play: a scripted sequence of keys, e.g. right,right,up,space,none,left")
     p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
-    p.add_argument("--seed", type=int, default=0, help="the seed of the held-out picks and the sampling noise")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the sampling noise (the held-out clips shown are the same for every seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a = p.parse_args(argv)
     check_args(a)
     device, _, why = pick_device(a.device)
     model, ck = load_model(a.ckpt, device)
-    trained = ck["config"]
-    ignored = [f for f, v in ((("--steps", a.steps),) if ck["backbone"] == "ar" else
-                              (("--temperature", a.temperature), ("--top_k", a.top_k))) if v is not None]
-    if ignored:
-        print(f"note: {a.ckpt} holds the '{ck['backbone']}' backbone, which samples without {', '.join(ignored)}: ignored")
-    a.steps = a.steps or 4
-    a.temperature = (trained.get("temperature") or 0.0) if a.temperature is None else a.temperature
-    a.top_k = (trained.get("top_k") or 0) if a.top_k is None else a.top_k
-    sampling = dict(steps=a.steps, temperature=a.temperature, top_k=a.top_k)
+    sampling = sampling_args(a, ck)
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)
     acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
@@ -461,6 +453,20 @@ def main(argv=None):
     print(f"wrote {a.out}: {n} held-out episode{'s' * (n != 1)} of {source(ck)}" +
           (f" ({a.n} asked: the held-out split holds {n})" if n < a.n else "") + f", {H} frames" +
           (f" ({a.horizon} asked: the held-out episodes hold {H} after the context)" if H < a.horizon else "") + f" ({why})")
+
+
+def sampling_args(a, ck):
+    """The sampler's settings: the flags given, else those the checkpoint was evaluated with (train.py's
+    --sample_steps, --temperature, --top_k), else 4 Euler steps and the most likely code. A note for flags the
+    checkpoint's backbone does not read."""
+    trained = ck["config"]
+    ignored = [f for f, v in ((("--steps", a.steps),) if ck["backbone"] == "ar" else
+                              (("--temperature", a.temperature), ("--top_k", a.top_k))) if v is not None]
+    if ignored:
+        print(f"note: {a.ckpt} holds the '{ck['backbone']}' backbone, which samples without {', '.join(ignored)}: ignored")
+    return dict(steps=a.steps or trained.get("sample_steps") or 4,
+                temperature=(trained.get("temperature") or 0.0) if a.temperature is None else a.temperature,
+                top_k=(trained.get("top_k") or 0) if a.top_k is None else a.top_k)
 
 
 def source(ck):

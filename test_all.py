@@ -341,6 +341,21 @@ def test_tokenizer_round_trip():
     assert ids.shape == (18, 16) and ids.dtype == torch.long and ids.unique().numel() > 8
     mse = ((tok.decode(ids) - x) / 2).pow(2).mean()
     assert -10 * torch.log10(mse) > 20, f"round trip psnr {-10 * torch.log10(mse):.1f} dB"
+    with torch.autocast("cpu", dtype=torch.bfloat16):                 # as the GPT's loss runs it on CUDA: the same
+        assert torch.equal(tok.encode(x), ids) and tok.decode(ids).dtype == torch.float32     # codes, float32 frames
+
+
+def test_sample_py_samples_as_the_checkpoint_was_evaluated_unless_told(capsys):
+    from argparse import Namespace
+    from sample import sampling_args
+    ck = dict(backbone="dit", config=dict(sample_steps=2, temperature=None, top_k=None))
+    unset = Namespace(ckpt="c.pt", steps=None, temperature=None, top_k=None)
+    assert sampling_args(unset, ck) == dict(steps=2, temperature=0.0, top_k=0)
+    assert sampling_args(Namespace(ckpt="c.pt", steps=8, temperature=None, top_k=None), ck)["steps"] == 8
+    gpt = dict(backbone="ar", config=dict(temperature=0.7, top_k=5))
+    got = sampling_args(Namespace(ckpt="c.pt", steps=3, temperature=None, top_k=None), gpt)   # (the GPT reads no steps)
+    assert (got["temperature"], got["top_k"]) == (0.7, 5)
+    assert "samples without --steps: ignored" in capsys.readouterr().out
 
 
 def test_wrong_action_shapes_are_user_errors():
@@ -797,6 +812,8 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
     bad("train.py", "--backbone", "nosuch", "--out", str(tmp_path / "x"), match="unknown backbone")
     bad("train.py", "--distance", "l3", "--out", str(tmp_path / "x"), match="--distance 'l3'")
     bad("train.py", "--clip_len", "1", "--out", str(tmp_path / "x"), match="--clip_len 1")
+    bad("train.py", "--n_free", "1", "--out", str(tmp_path / "x"), match="--n_free 1: must be 2 or more")
+    bad("train.py", "--backbone", "ar", "--size", "24", "--down", "4", "--out", str(tmp_path / "x"), match="pass --down 3")
     bad("mbrl.py", "--elites", "1", "--out", str(tmp_path / "x"), match="--elites")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(5000))
@@ -850,6 +867,16 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
                         (["--init_from", str(tok)], "holds only a tokenizer stage.*--tokenizer")):
         with pytest.raises(UserError, match=match):
             cfg = train.parse_args(argv)
+            train.resolve(cfg, torch.device("cpu")), train.plan_stages(cfg)
+    pre_dit, pre_ar = tmp_path / "pre_dit", tmp_path / "pre_ar"          # --stage finetune starts from out/pretrain.pt
+    pre_dit.mkdir(); pre_ar.mkdir()
+    (pre_dit / "pretrain.pt").write_bytes((tiny_run / "out" / "pretrain.pt").read_bytes())
+    torch.save(dict(torch.load(tiny_run / "out" / "pretrain.pt", weights_only=True), backbone="ar"), pre_ar / "pretrain.pt")
+    torch.save({k: v for k, v in torch.load(tok, weights_only=True).items()} | {"backbone": "ar", "tokenizer": {}}, artok)
+    for argv, match in ((["--out", str(pre_dit)], "holds the 'dit' backbone, not 'ar'"),
+                        (["--out", str(pre_ar), "--tokenizer", str(artok)], "--tokenizer .* would not be used")):
+        with pytest.raises(UserError, match=match):
+            cfg = train.parse_args(["--backbone", "ar", "--stage", "finetune", *argv])
             train.resolve(cfg, torch.device("cpu")), train.plan_stages(cfg)
     cfg = train.parse_args(["--init_from", str(ck), "--stage", "finetune"])
     train.resolve(cfg, torch.device("cpu"))
@@ -1052,6 +1079,31 @@ def test_world_model_replay_keeps_one_priority_per_clip_in_buffer_order():
     more = play_episodes(make_env("pusher", num=2, size=16, seed=1), lambda o, t: w.random_action(rng)[:2], 8)
     agent.fit(merge(buf, more), 0, 1)
     assert len(agent.replay.p) == 6 * 7 and np.all(agent.replay.p[28:] == want.max())
+
+
+def test_mbrl_gpt_from_scratch_trains_its_tokenizer_before_the_first_fit(tmp_path):
+    """--backbone ar without --init_from: the GPT's tokenizer starts with an empty codebook (every frame one code), so
+    the run fits it on the seed frames first; it ends frozen, outside the world model's optimizer."""
+    from mbrl import Agent
+    from data import ClipSampler
+    cfg, spec, buf = tiny_mbrl("coin", backbone="ar")
+    agent = Agent(cfg, spec, "cpu", seed=0)
+    tok = agent.wm.backbone.tokenizer
+    x = ClipSampler(buf, 1, seed=0).sample(16)["frames"][:, 0]
+    before = F.mse_loss(tok.decode(tok.encode(x)), x).item()
+    assert tok.encode(x).unique().numel() == 1                               # untrained: one code for everything
+    agent.fit_tokenizer(buf, 60, rng_seed=0)
+    assert tok.encode(x).unique().numel() > 4 and F.mse_loss(tok.decode(tok.encode(x)), x).item() < before / 2
+    assert not any(p.requires_grad for p in tok.parameters())
+    trained = {id(p) for g in agent.opt_wm.param_groups for p in g["params"]}
+    assert not trained & {id(p) for p in tok.parameters()}
+    args = ("--backbone", "ar", "--seed_episodes", "4", "--rounds", "0", "--fit_iters", "2", "--tokenizer_iters", "20",
+            "--value_iters", "1", "--eval_episodes", "1", "--candidates", "2", "--elites", "2", "--horizon", "1",
+            "--episode_len", "4", "--width", "32", "--depth", "1", "--compile", "false", "--out", str(tmp_path / "m"))
+    r = run("mbrl.py", *args)
+    assert r.returncode == 0 and "tokenizer: 20 iterations" in r.stdout + r.stderr, r.stderr[-2000:]
+    ck = read_checkpoint(str(tmp_path / "m" / "world_model_prioritized_seed0.pt"))
+    assert ck["model"]["backbone.tokenizer.codebook"].abs().sum() > 0
 
 
 def test_agent_clone_is_independent():

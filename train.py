@@ -96,8 +96,8 @@ class TrainConfig:
     lr: float = opt(None, "peak learning rate", ABOVE_0)
     pretrain_iters: int = opt(None, "iterations of the pretrain stage", AT_LEAST_0)
     finetune_iters: int = opt(None, "iterations of the finetune / scratch stage", AT_LEAST_0)
-    n_free: int = opt(None, "episodes in the action-free corpus", AT_LEAST_0)
-    n_labelled: int = opt(None, "episodes in the action-labelled corpus", AT_LEAST_1)
+    n_free: int = opt(None, "episodes in the action-free corpus (some are held out)", AT_LEAST_2)
+    n_labelled: int = opt(None, "episodes in the action-labelled corpus (some are held out)", AT_LEAST_2)
     episode_len: int = opt(None, "steps per generated episode", AT_LEAST_2)
     frame_skip: int = opt(0, "gym: repeat each action this many frames; 0: the game's default (about 25 actions a "
                              "second of game time for rendered games such as CartPole: 2; 1 for Atari v5 ids, which skip 4 "
@@ -172,11 +172,6 @@ def parse_args(argv=None):
     return parse_config(TrainConfig, __doc__, argv)
 
 
-def space_of(spec):
-    """An action space as a comparable tuple: (discrete, n_actions, action_dim)."""
-    return tuple(int(spec[k]) for k in ("discrete", "n_actions", "action_dim"))
-
-
 def check_model_flags(cfg):
     """The preset-filled model and loss flags, checked together: a one-line UserError for any that cannot work."""
     if cfg.distance not in ("mse", "l1"):
@@ -190,6 +185,11 @@ def check_model_flags(cfg):
         raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
     if cfg.width % cfg.heads:
         raise UserError(f"--width {cfg.width} is not a multiple of --heads {cfg.heads}: each head takes an equal share")
+    if cfg.backbone == "ar" and cfg.size % 2 ** cfg.down:
+        fit = [d for d in range(cfg.down, -1, -1) if cfg.size % 2 ** d == 0][0]
+        raise UserError(f"frame size {cfg.size} (--size, or the --data frames') is not a multiple of 2^--down = "
+                        f"{2 ** cfg.down}: the tokenizer halves each frame --down times; pass --down {fit} or --size "
+                        f"{max(2 ** cfg.down, round(cfg.size / 2 ** cfg.down) * 2 ** cfg.down)}")
     if cfg.backbone == "dit" and cfg.size % cfg.patch:
         tile = math.lcm(8, cfg.patch)                                    # (frames are a multiple of 8: check_size)
         fit = max(2 * tile if tile < 16 else tile, round(cfg.size / tile) * tile)
@@ -246,9 +246,9 @@ def resolve(cfg, device):
             except UserError as e:
                 raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its env cannot be made here ({e}): fix it, "
                                 f"or remove the key (then control is measured by shuffled actions only)") from None
-            if meta.get("spec") and space_of(meta["spec"]) != space_of(spec):
+            if meta.get("spec") and action_space(meta["spec"]) != action_space(spec):
                 raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its spec {meta['spec']} is not the action space "
-                                f"of its env {meta['env']} ({ {k: spec[k] for k in ('discrete', 'n_actions', 'action_dim')} }): "
+                                f"of its env {meta['env']} ({action_space(spec)}): "
                                 f"fix the spec, or the env")
         if cfg.size is None and meta.get("size"):                             # the folder's size, not a change
             fixed.add("size")
@@ -345,7 +345,7 @@ def evaluate(model, cfg, data, device):
     if isinstance(model.backbone, VideoGPT):
         tok = model.backbone.tokenizer
         m["tokenizer_psnr"] = psnr(tok.decode(tok.encode(true)), true).mean().item()
-    if env is not None and env.restorable and model.spec is not None and space_of(model.spec) != space_of(env.spec):
+    if env is not None and env.restorable and model.spec is not None and action_space(model.spec) != action_space(env.spec):
         m["control"] = f"not measured: the model takes no actions of {cfg.env} (it was trained on frames only)"
     elif env is not None and env.restorable:
         m.update(control_eval(model, cfg, k, device))
@@ -786,7 +786,9 @@ class TokenizerTrainer:
         self.start, self.elapsed = 0, 0.0
         if resume is not None:
             self.tok.load_state_dict(resume["tokenizer"]); self.optim.load_state_dict(resume["optimizer"])
-            self.g.set_state(resume["generator"]); self.sampler.rng.bit_generator.state = resume["sampler"]
+            self.sampler.rng.bit_generator.state = resume["sampler"]
+            if "generator" in resume:                                       # (checkpoints before 2026-11-26 lack it)
+                self.g.set_state(resume["generator"])
             self.start, self.elapsed = resume["step"], resume["elapsed"]
 
     def step(self, i):
@@ -894,6 +896,12 @@ def plan_stages(cfg):
         if not os.path.exists(pre):
             raise UserError(f"the finetune stage needs a pre-trained backbone: pass --init_from CKPT or run --stage pretrain first (no {pre})")
         init = read_checkpoint(pre)
+        if init.get("backbone") != cfg.backbone:
+            raise UserError(f"{pre} holds the '{init.get('backbone')}' backbone, not '{cfg.backbone}': pass --backbone "
+                            f"{init.get('backbone')}, or another --out")
+    if tok_from is not None and init is not None:                         # its weights would be dropped unread
+        raise UserError(f"--tokenizer {cfg.tokenizer} would not be used: the finetune stage starts from "
+                        f"{cfg.init_from or os.path.join(cfg.out, 'pretrain.pt')}, whose backbone holds its own tokenizer; drop --tokenizer")
     return stages, files, init, tok_from
 
 
@@ -1097,9 +1105,9 @@ def check_lengths(data, clip_len, horizon, clip_fixed=False):
         return
     c = clip_len if clip_fixed else min(clip_len, train - 1, held - 1)
     most, half = held - c, int(np.median(data.test["lengths"])) - c       # horizons that fit after c - 1 context frames
-    why = (f"training clips of --clip_len {clip_len} need episodes of {clip_len + 1} frames and evaluating --horizon "
-           f"{horizon} after {clip_len - 1} context frames {clip_len + horizon} (a clip starts after an episode's first "
-           f"frame); the longest training episode holds {train}, the longest held-out {held}")
+    why = (f"training clips of --clip_len {clip_len} need episodes of {clip_len + 1} frames, and evaluating --horizon "
+           f"{horizon} after {clip_len - 1} context frames needs {clip_len + horizon} (a clip starts after an episode's "
+           f"first frame); the longest training episode holds {train}, the longest held-out {held}")
     if c < 2 or c > train - 1 or most < 1:
         raise UserError(f"{why}: record longer episodes" + (" (the --init_from model fixes --clip_len)" if clip_fixed else ""))
     h = horizon if horizon <= most else half if half >= 1 else most
