@@ -22,6 +22,7 @@ any frame; an external game has no such colour (agent_size None). This file is f
 the errors every script reports and the command-line runner live here too.
 """
 import contextlib
+import difflib
 import copy
 import importlib.util
 import io
@@ -403,7 +404,8 @@ def resize(frames, size):
 def keys_for(n_actions, meanings=None, action_dim=0):
     """The keys that play an action space: by the game's own action names where it has them (Atari: NOOP, FIRE,
     LEFT, ...; a game with no UP or DOWN takes up and down as RIGHT and LEFT, its one axis: in Pong RIGHT moves the
-    paddle up), else by convention (2 actions: left, right; 3: left, none, right; vectors: arrows on x, then y)."""
+    paddle up), else by convention (2 actions: left, right; 3: left, none, right; vectors: arrows on x, then y; 4 or
+    more unnamed ids in the order none, left, right, up, down, space: a guess, which sample.py --keymap corrects)."""
     if action_dim:
         x = lambda v: [float(v)] + [0.0] * (action_dim - 1)
         y = lambda v: [0.0, float(v)] + [0.0] * (action_dim - 2) if action_dim > 1 else x(0)
@@ -633,9 +635,12 @@ def make_env(name, num=1, size=32, max_steps=32, seed=0, frame_skip=0):
         raise UserError(f"{name}: {num} copies asked for; need at least 1 (episodes, clips or worlds)")
     if name.startswith("gym:"):
         return GymEnv(name[4:], num, size, max_steps, seed, frame_skip)
+    if frame_skip > 1:
+        raise UserError(f"--frame_skip {frame_skip} is for gym: games; '{name}' shows every step of its own: drop it")
     if name.startswith("procgen:"):
         return ProcgenEnv(name[8:], num, size, max_steps, seed)
     if name not in WORLDS:
-        raise UserError(f"unknown environment '{name}': choose one of {', '.join(WORLDS)}, gym:<gymnasium id> "
-                        f"or procgen:<game> (python data.py --list)")
+        near = difflib.get_close_matches(name, WORLDS, n=1)
+        raise UserError(f"unknown environment '{name}': " + (f"did you mean '{near[0]}'? " if near else "") +
+                        f"choose one of {', '.join(WORLDS)}, gym:<gymnasium id> or procgen:<game> (python data.py --list)")
     return WORLDS[name](num=num, size=size, max_steps=max_steps, seed=seed)

@@ -331,11 +331,11 @@ class Player:
     """The learned world as a game: it starts from a held-out context and generates one frame per key pressed.
     Keys (left, right, up, down, space, none) map to actions through the checkpoint's spec (envs.py, keys)."""
 
-    def __init__(self, model, ck, device, seed=0, **sampling):
+    def __init__(self, model, ck, device, seed=0, keymap=None, **sampling):
         self.model, self.device, self.sampling = model, device, sampling
         self.k = model.backbone.cfg.clip_len - 1
         spec = ck["spec"]
-        self.keys = spec.get("keys") or keys_for(spec["n_actions"], None, spec["action_dim"])
+        self.keys = dict(spec.get("keys") or keys_for(spec["n_actions"], None, spec["action_dim"]), **(keymap or {}))
         self.starts = heldout_clips(ck, 16, self.k)
         self.g, self.n = make_generator(device, seed), 0
 
@@ -436,6 +436,8 @@ def main(argv=None):
     p.add_argument("--play", action="store_true", help="play inside the learned world: a window driven by the arrows "
                    "and space (r restarts, q quits); with --keys, headless, into the GIF --out")
     p.add_argument("--keys", default=None, help="--play: a scripted sequence of keys, e.g. right,right,up,space,none,left")
+    p.add_argument("--keymap", default="", help="--play: rebind keys, e.g. left=0;down=1;right=2;up=3 (ids) or "
+                   "left=-1,0;up=0,-1 (vectors); the game's own action names bind them where it has names")
     p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
     p.add_argument("--seed", type=int, default=0, help="the seed of the sampling noise (the held-out clips shown are the same for every seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -487,6 +489,8 @@ def check_args(a):
         raise UserError(f"--temperature and --top_k must be 0 or more (got {a.temperature}, {a.top_k})")
     if a.keys is not None and not a.play:
         raise UserError("--keys plays a scripted game: add --play (and --out FILE.gif)")
+    if a.keymap and not (a.play or a.bench_play):
+        raise UserError("--keymap rebinds the keys of --play: add --play")
     if a.bench_play or (a.play and a.keys is None):                       # nothing to write (the window shows it)
         return
     check_out_file(a.out, "--out", ".gif")
@@ -494,10 +498,32 @@ def check_args(a):
         raise UserError(f"--keys '{a.keys}': {', '.join(map(repr, bad))} {'is not a key' if len(bad) == 1 else 'are not keys'}: use {', '.join(KEYS)}")
 
 
+def parse_keymap(text, spec):
+    """'left=0;down=1' (ids) or 'left=-1,0;up=0,-1' (vectors) -> {key: action}, the keys it names rebound."""
+    discrete, n, A = spec["discrete"], spec["n_actions"], spec["action_dim"]
+    want = f"an id in [0, {n})" if discrete else f"{A} number{'s' * (A > 1)} in [-1, 1] between commas"
+    keymap = {}
+    for pair in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, action = (x.strip() for x in pair.partition("="))
+        try:
+            v = [float(x) for x in action.split(",")]
+        except ValueError:
+            v = []
+        ok = key in KEYS and (len(v) == 1 and v[0].is_integer() and 0 <= v[0] < n if discrete else
+                              len(v) == A and all(-1 <= x <= 1 for x in v))
+        if not ok:
+            raise UserError(f"--keymap '{text}': '{pair}' is not key=action with a key among {', '.join(KEYS)} and "
+                            f"the action {want}, e.g. left=0;down=1 (ids) or left=-1,0 (vectors)")
+        keymap[key] = int(v[0]) if discrete else v
+    return keymap
+
+
 def play(a, model, ck, device, why, sampling):
     if ck.get("adapter") == "none":
         print(f"note: {a.ckpt} has no action module (adapter 'none'): the keys do not change what it generates")
-    player = Player(model, ck, device, a.seed, **sampling)
+    player = Player(model, ck, device, a.seed, parse_keymap(a.keymap, ck["spec"]), **sampling)
+    print("keys: " + ", ".join(f"{k} -> {player.keys[k]}" for k in KEYS if k in player.keys) + " (actions of " + source(ck) +
+          "; --keymap rebinds them)")
     S = model.backbone.cfg.size
     if a.bench_play:
         how = "codes one by one" if isinstance(model.backbone, VideoGPT) else f"{sampling['steps']} Euler steps"

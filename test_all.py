@@ -1377,8 +1377,13 @@ def test_games_step_render_and_restore_exactly(name):
 def test_unknown_environments_and_missing_packages_are_one_line_errors():
     with pytest.raises(UserError, match="unknown environment"):
         make_env("no_such_world")
+    with pytest.raises(UserError, match="did you mean 'coin'"):
+        make_env("coinn")
     with pytest.raises(UserError, match="frame_skip"):
         make_env("coin", frame_skip=-1)
+    with pytest.raises(UserError, match="--frame_skip 3 is for gym: games"):   # (it was dropped in silence)
+        make_env("pusher", frame_skip=3)
+    assert make_env("coin", frame_skip=1).num == 1
     with pytest.raises(UserError, match="gym:"):
         game("gymnasium")
         make_env("gym:NoSuchGame-v0")
@@ -1643,8 +1648,9 @@ def test_recorded_folders_pretrain_and_finetune(tmp_path):
 
 
 def test_play_follows_the_keys(tiny_run, tmp_path):
-    """Two key sequences from one context give different frames; --keys writes a GIF of one frame per key."""
-    from sample import Player, load_model
+    """Two key sequences from one context give different frames; --keymap rebinds keys; --keys writes a GIF of one
+    frame per key, and the binding is printed."""
+    from sample import Player, load_model, parse_keymap
     model, ck = load_model(str(tiny_run / "out" / "ckpt.pt"))
     for layer in [model.backbone.out] + [g[-1] for g in model.adapter.g]:
         torch.nn.init.normal_(layer.weight, std=0.1)                   # make the actions matter in a 3-step model
@@ -1654,9 +1660,17 @@ def test_play_follows_the_keys(tiny_run, tmp_path):
         p.restart()
         seqs.append(np.stack([p.step(k) for k in keys]))
     assert seqs[0].shape == (4, 16, 16, 3) and not np.array_equal(seqs[0], seqs[1])
+    rebound = Player(model, ck, torch.device("cpu"), keymap=parse_keymap("left=4; up=0", ck["spec"]))   # coin: 4 right
+    rebound.restart()
+    assert rebound.keys["left"] == ck["spec"]["keys"]["right"] == 4 and rebound.keys["down"] == ck["spec"]["keys"]["down"]
+    assert np.array_equal(np.stack([rebound.step("left") for _ in range(4)]), seqs[0])   # left now plays right
+    assert parse_keymap("left=-1,0.5", dict(discrete=False, n_actions=0, action_dim=2)) == {"left": [-1.0, 0.5]}
+    for bad in ("left=5", "left=1.5", "jump=1", "left=", "left=1,2", "left=nan"):
+        with pytest.raises(UserError, match="--keymap"):
+            parse_keymap(bad, ck["spec"])
     r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--play", "--keys",
             "right,right,up,space,none,left", "--out", str(tmp_path / "p.gif"), cwd=str(tiny_run))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0 and "keys: left -> 3, right -> 4" in r.stdout, r.stderr[-2000:]
     from PIL import Image
     assert Image.open(tmp_path / "p.gif").n_frames == 7
     r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--bench_play", cwd=str(tiny_run))
