@@ -335,9 +335,10 @@ class Corpus:
         self.test = {k: v[-n_held:] for k, v in arrays.items()}
 
 
-def load_corpus(cfg, labelled, progress=True):
+def load_corpus(cfg, labelled, progress=True, log=None):
     """One corpus, 'labelled' with actions or videos only: read from cfg.folder / cfg.free_folder, or generated in
-    cfg.env (and cached in cfg.data_dir). A labelled folder also serves as videos, its actions dropped."""
+    cfg.env (and cached in cfg.data_dir; `log` is told before the generating starts). A labelled folder also serves
+    as videos, its actions dropped."""
     folder = cfg.folder if labelled else (cfg.free_folder or cfg.folder)
     if folder:
         arrays, _ = read_folder(folder, labelled, cfg.size)
@@ -346,6 +347,9 @@ def load_corpus(cfg, labelled, progress=True):
         return Corpus(arrays, cfg.heldout)
     path = cache_path(cfg, labelled)
     if not os.path.exists(os.path.join(path, "meta.json")):
+        if log is not None:
+            log(f"generating the {'labelled' if labelled else 'action-free'} corpus: {cfg.n_labelled if labelled else cfg.n_free} "
+                f"episodes of {cfg.env}, cached in {path} ...")
         generate_corpus(cfg, labelled, path, progress)
     return Corpus(read_folder(path, labelled)[0], cfg.heldout)
 

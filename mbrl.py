@@ -710,6 +710,7 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
         rng = np.random.default_rng(seed)
         uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0,
                              resample_still=0, frame_skip=cfg.frame_skip)
+        log(f"[seed {seed}] playing {cfg.seed_episodes} random-action episodes of {cfg.env} ...")
         buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
         if agent.kind == "ar" and not cfg.init_from:
             tl = agent.fit_tokenizer(buffer, cfg.tokenizer_iters, rng_seed=int(rng.integers(1 << 30)))

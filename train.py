@@ -432,7 +432,9 @@ def control_eval(model, cfg, k, device):
     some = mask.flatten(1).sum(1) > 0                                    # clips where the actions changed anything
     if not some.any():
         return dict(control=f"not measured: the actions changed no pixel in {cfg.horizon} steps from any of {len(ctx)} "
-                            f"start states; raise --horizon", control_pixels=0.0, control_clips=0)
+                            f"start states {k + 8} steps into the game (some games ignore actions at first): raise "
+                            f"--horizon, and --episode_len so that training sees the steps where they matter",
+                    control_pixels=0.0, control_clips=0)
     def gap(h):                                       # frames h (a slice), over the clips where the actions decide any
         right = (masked_psnr(pred_A[:, h], tA[:, h], mask[:, h]) + masked_psnr(pred_B[:, h], tB[:, h], mask[:, h])) / 2
         wrong = (masked_psnr(pred_B[:, h], tA[:, h], mask[:, h]) + masked_psnr(pred_A[:, h], tB[:, h], mask[:, h])) / 2
@@ -1133,7 +1135,7 @@ def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist,
         frames_only = bool(cfg.data) and read_meta(cfg.data).get("spec") is None        # (read with no-op actions)
         for labelled in sorted({s not in ("tokenizer", "pretrain") for s in stages} | {True}):   # labelled last
             t0 = time.time()
-            data = load_corpus(DataConfig(**desc["data"]), labelled)
+            data = load_corpus(DataConfig(**desc["data"]), labelled, log=log)
             kind = "labelled" if labelled and not frames_only else "action-free"
             log(f"{kind} corpus: {len(data.train['frames'])} episodes to train on, "
                 f"{len(data.test['frames'])} held out ({time.time() - t0:.0f} s)")
