@@ -1097,11 +1097,11 @@ def test_mbrl_gpt_from_scratch_trains_its_tokenizer_before_the_first_fit(tmp_pat
     assert not any(p.requires_grad for p in tok.parameters())
     trained = {id(p) for g in agent.opt_wm.param_groups for p in g["params"]}
     assert not trained & {id(p) for p in tok.parameters()}
-    args = ("--backbone", "ar", "--seed_episodes", "4", "--rounds", "0", "--fit_iters", "2", "--tokenizer_iters", "20",
+    args = ("--backbone", "ar", "--seed_episodes", "2", "--rounds", "0", "--fit_iters", "1", "--tokenizer_iters", "5",
             "--value_iters", "1", "--eval_episodes", "1", "--candidates", "2", "--elites", "2", "--horizon", "1",
-            "--episode_len", "4", "--width", "32", "--depth", "1", "--compile", "false", "--out", str(tmp_path / "m"))
+            "--episode_len", "3", "--width", "32", "--depth", "1", "--compile", "false", "--out", str(tmp_path / "m"))
     r = run("mbrl.py", *args)
-    assert r.returncode == 0 and "tokenizer: 20 iterations" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0 and "tokenizer: 5 iterations" in r.stdout + r.stderr, r.stderr[-2000:]
     ck = read_checkpoint(str(tmp_path / "m" / "world_model_prioritized_seed0.pt"))
     assert ck["model"]["backbone.tokenizer.codebook"].abs().sum() > 0
 
@@ -1227,7 +1227,7 @@ def test_value_is_trained_on_imagined_states():
 def test_mbrl_runs_end_to_end(tmp_path):
     args = ("--env", "pusher", "--seed_episodes", "4", "--rounds", "1", "--episodes", "2", "--fit_iters", "3",
             "--update_iters", "2", "--value_iters", "2", "--eval_episodes", "2", "--candidates", "8", "--elites", "2",
-            "--episode_len", "6", "--compile", "false")
+            "--episode_len", "6", "--compile", "false", "--width", "32", "--depth", "1")
     r = run("mbrl.py", *args, "--out", str(tmp_path / "m"), "--imagination", "both", "--seeds", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(tmp_path / "m" / "results.json"))
@@ -1686,7 +1686,8 @@ def test_a_stopped_mbrl_run_resumes_to_the_results_of_one_never_stopped(tmp_path
     from envs import Stopped
     flags = ["--seed_episodes", "6", "--rounds", "2", "--episodes", "2", "--fit_iters", "2", "--update_iters", "2",
              "--value_iters", "2", "--eval_episodes", "2", "--eval_every", "1", "--candidates", "8", "--elites", "2",
-             "--compile", "false", "--seeds", "2", "--imagination", "both"]
+             "--compile", "false", "--seeds", "2", "--imagination", "both", "--width", "32", "--depth", "1",
+             "--episode_len", "8", "--horizon", "3"]
     whole = mbrl.main(mbrl.parse_args(flags + ["--out", str(tmp_path / "a")]))
     save, out = mbrl.Progress.save, ["--out", str(tmp_path / "b")]
 
