@@ -331,7 +331,7 @@ class Agent:
         self.opt_v = torch.optim.AdamW(self.value.parameters(), cfg.lr)
         self.g = make_generator(self.device, seed)
         self.amp = pick_device(str(self.device))[1]                           # bf16 autocast on CUDA, None on CPU
-        self.replay = Priorities(cfg.model_alpha, 0.0, seed, eps=1e-4)        # the world model's clips, by error
+        self.replay = Priorities(cfg.model_alpha, 0.0, stream(seed, "model replay"), eps=1e-4)   # the model's clips, by error
 
     def clone(self):
         """An independent copy (weights, optimizer states, replay priorities, generator state), for --imagination
@@ -557,15 +557,24 @@ class Agent:
         return loss.item()
 
 
+STREAMS = ("model replay", "value starts", "loop", "random baseline")   # a seed's numpy draws, one stream each
+
+
+def stream(seed, purpose):
+    """The numpy generator of one purpose of a seed: the i-th child of SeedSequence(seed) (what .spawn() makes), so no
+    two purposes draw the same numbers (each seeded with the seed alone, they would: one stream read in two places)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(STREAMS.index(purpose),)))
+
+
 class Priorities:
     """Sampling of replay states by priority: P(j) = p_j^a / sum p^a, importance weights (N P(j))^-b / max_k (N P(k))^-b,
     the max over every state (so a weight is the same whichever batch it is drawn in). New states enter with the
-    largest priority so far, so each is drawn soon. a = 0 is uniform sampling."""
+    largest priority so far, so each is drawn soon. a = 0 is uniform sampling. Draws come from `rng` (numpy)."""
 
-    def __init__(self, alpha, beta, seed, eps=1e-2):
+    def __init__(self, alpha, beta, rng, eps=1e-2):
         self.alpha, self.beta, self.eps = alpha, beta, eps
         self.p = np.zeros(0)
-        self.rng = np.random.default_rng(seed)
+        self.rng = rng
 
     def grow(self, n):
         top = self.p.max() if len(self.p) else 1.0
@@ -707,11 +716,12 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
         buffer, rng, shared = arrays(fitted["buffer"]), numpy_rng(fitted["rng"]), fitted["wall"]
         log(f"[seed {seed}] resume: the first fit from {progress.path}")
     else:
-        rng = np.random.default_rng(seed)
+        rng = stream(seed, "loop")
         uniform = DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len, sticky=0, expert_p=0,
                              resample_still=0, frame_skip=cfg.frame_skip)
         log(f"[seed {seed}] playing {cfg.seed_episodes} random-action episodes of {cfg.env} ...")
-        buffer = generate_episodes(uniform, cfg.seed_episodes, seed)                # uniformly random actions
+        buffer = generate_episodes(uniform, cfg.seed_episodes, 2 * seed)   # random actions; (world 2s, actions 2s + 1:
+                                                                            #  apart from every other seed's)
         if agent.kind == "ar" and not cfg.init_from:
             tl = agent.fit_tokenizer(buffer, cfg.tokenizer_iters, rng_seed=int(rng.integers(1 << 30)))
             log(f"[seed {seed}] tokenizer: {cfg.tokenizer_iters} iterations on single frames | loss {tl:.4f}")
@@ -751,7 +761,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
     round, everything it changed goes to `progress`; `live` (from a stopped run) is where it continues from.
     -> curve, decision times, wall seconds."""
     steps = int((buffer["lengths"] - 1).sum())
-    starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, seed)
+    starts = Priorities(cfg.alpha if kind == "prioritized" else 0.0, cfg.beta, stream(seed, "value starts"))
     curve, dec_times, first, t0, fitted = [], [], 0, time.time(), len(buffer["frames"])
     played = lambda: {k: v[fitted:] for k, v in buffer.items()}          # the episodes since the first fit
 
@@ -813,7 +823,7 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
 def baselines(cfg, seed, spec, size):
     """Random actions and the planner in the true simulator (where its state can be restored; else NaN), on the
     evaluation episodes of this seed."""
-    rng = np.random.default_rng(seed)
+    rng = stream(seed, "random baseline")
     w = cfg.world(size, cfg.eval_episodes, seed=10_000 + seed)
     R_rand = float(episode_return(play_episodes(w, lambda o, t: w.random_action(rng), cfg.episode_len)).mean())
     w = cfg.world(size, cfg.eval_episodes, seed=10_000 + seed)

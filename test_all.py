@@ -1046,7 +1046,7 @@ def test_reward_head_learns_the_reward_from_a_frame_and_an_action(name):
 
 def test_priority_sampling_prefers_large_td_errors_with_correct_weights():
     from mbrl import Priorities
-    pr = Priorities(alpha=1.0, beta=0.5, seed=0, eps=0.0)
+    pr = Priorities(alpha=1.0, beta=0.5, rng=np.random.default_rng(0), eps=0.0)
     pr.grow(4)
     pr.update(np.arange(4), np.array([1.0, 1.0, 1.0, 7.0]))
     idx, w = pr.sample(20000)
@@ -1055,7 +1055,7 @@ def test_priority_sampling_prefers_large_td_errors_with_correct_weights():
     P = np.array([0.1, 0.1, 0.1, 0.7])
     want = (4 * P) ** -0.5 / ((4 * P) ** -0.5).max()
     assert np.allclose(w, want[idx], atol=1e-5)                          # (N P(j))^-b / max
-    uni = Priorities(alpha=0.0, beta=0.5, seed=0)
+    uni = Priorities(alpha=0.0, beta=0.5, rng=np.random.default_rng(0))
     uni.grow(4); uni.update(np.arange(4), np.array([1.0, 1.0, 1.0, 7.0]))
     idx, w = uni.sample(1000)
     assert np.allclose(w, 1.0) and abs(np.mean(idx == 3) - 0.25) < 0.05  # a = 0: uniform, weights 1
@@ -1215,7 +1215,7 @@ def test_value_is_trained_on_imagined_states():
             agent.fit(buf, 3, 1)                                                # untrained, the model copies its context
             seen, forward = [], agent.value.forward
             agent.value.forward = lambda x: (seen.append(x) if torch.is_grad_enabled() else None) or forward(x)
-            starts = Priorities(0.6, 0.4, 0)
+            starts = Priorities(0.6, 0.4, np.random.default_rng(0))
             starts.grow(len(states))
             for _ in range(4):
                 assert np.isfinite(agent.value_update(starts, states, prev))
@@ -1276,6 +1276,23 @@ def test_mbrl_seeds_are_independent_and_evaluation_changes_nothing():
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_each_purpose_of_a_seed_draws_from_a_stream_of_its_own(monkeypatch):
+    """The world model's replay, the value's start states, the loop and the random baseline: four streams of one
+    seed, none of them the seed's plain stream (seeded with the seed alone, the two replays drew the same numbers)."""
+    import mbrl
+    cfg, spec, buf = tiny_mbrl()
+    first = {p: mbrl.stream(0, p).random(4).tolist() for p in mbrl.STREAMS}
+    assert len({tuple(v) for v in first.values()}) == len(mbrl.STREAMS)
+    assert np.random.default_rng(0).random(4).tolist() not in first.values()
+    drawn, P = [], mbrl.Priorities                        # the first draws of every Priorities the loop makes
+    monkeypatch.setattr(mbrl, "Priorities", type("Seen", (P,), {"__init__": lambda self, *a, **k: (
+        P.__init__(self, *a, **k), drawn.append(copy.deepcopy(self.rng).random(4).tolist()))[0]}))
+    agent = mbrl.Agent(cfg, spec, "cpu", 0)
+    bar, log = type("Bar", (), {"update": lambda self, n: None})(), lambda msg: None
+    mbrl.online(replace(cfg, rounds=0), 0, "prioritized", agent, buf, mbrl.stream(0, "loop"), spec, log, bar)
+    assert drawn == [first["model replay"], first["value starts"]]
+
+
 def test_value_priority_is_the_td_error_of_the_drawn_state():
     """V is updated at the state the random walk reaches, but the priority written back for replay state j is |TD|
     at j itself; importance weights are normalised by the largest weight over every state, not over the batch."""
@@ -1286,13 +1303,13 @@ def test_value_priority_is_the_td_error_of_the_drawn_state():
     agent.walk = lambda s, p: (s + 0.5, p)                               # the walk reaches other frames
     seen = []
     agent.td_error = lambda s, p: seen.append(s) or (s.mean((1, 2, 3, 4)) + 2 + 0 * agent.value(s[:, -1]))
-    starts = Priorities(0.6, 0.4, 0, eps=0.0)
+    starts = Priorities(0.6, 0.4, np.random.default_rng(0), eps=0.0)
     starts.grow(len(states))
     agent.value_update(starts, states, prev)
     drawn = np.flatnonzero(starts.p != 1.0)
     assert len(drawn) > 0 and len(seen) == 2
     assert np.allclose(starts.p[drawn], states[drawn].mean((1, 2, 3, 4)).numpy() + 2, atol=1e-5)
-    pr = Priorities(alpha=1.0, beta=0.5, seed=0, eps=0.0)
+    pr = Priorities(alpha=1.0, beta=0.5, rng=np.random.default_rng(0), eps=0.0)
     pr.grow(4); pr.update(np.arange(4), np.array([1.0, 1.0, 1.0, 7.0]))
     draws = [pr.sample(1) for _ in range(200)]
     w3 = {float(w[0]) for i, w in draws if i[0] == 3}
@@ -1307,7 +1324,7 @@ def test_planning_and_training_create_tensors_on_the_agent_device(env):
     cfg, spec, buf = tiny_mbrl(env)
     agent = Agent(cfg, spec, "cpu", 0)
     states, prev = replay_states(buf)
-    starts = Priorities(0.6, 0.4, 0)
+    starts = Priorities(0.6, 0.4, np.random.default_rng(0))
     starts.grow(len(states))
     w = make_env(env, num=2, size=16, seed=0)
     obs, _ = w.reset()
