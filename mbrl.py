@@ -731,6 +731,9 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
         log(f"[seed {seed}] first fit on {int((buffer['lengths'] - 1).sum())} random-action steps | "
             f"world-model loss {wl:.4f} | reward loss {rl:.4f} | {shared:.0f} s")
         progress.save(fitted=dict(seed=seed, agent=agent.state(), buffer=tensors(buffer), rng=rng_state(rng), wall=shared))
+    if cfg.compile:
+        log(f"[seed {seed}] the first decisions compile the world model for planning (--compile: about a minute on a "
+            f"CPU, then faster decisions; --compile false skips it)")
     desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len,
                                                          frame_skip=cfg.frame_skip)))
     out = progress.s["seeds"].setdefault(seed, {})                          # kinds finished before a stop
@@ -771,9 +774,8 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
         R = float(episode_return(play_episodes(w, act, cfg.episode_len)).mean())
         dec_times.extend(times)
         curve.append((steps, R))
-        log(f"[{kind} seed {seed}] real steps {steps:6d} | eval return {R:8.3f} | "
-            f"decision {1000 * np.median(times):.0f} ms (median) for {cfg.eval_episodes} world{'s' * (cfg.eval_episodes > 1)} x "
-            f"{cfg.candidates} candidates")
+        log(f"[{kind} seed {seed}] real steps {steps:6d} | eval return {R:8.3f} | decision {1000 * np.median(times):.0f} "
+            f"ms (median) for {cfg.eval_episodes} world{'s' * (cfg.eval_episodes > 1)} x {cfg.candidates} candidates")
 
     def learn(iters):
         msg = ""
@@ -803,9 +805,6 @@ def online(cfg, seed, kind, agent, buffer, rng, spec, log, bar, progress=None, l
         curve, dec_times = [tuple(c) for c in live["curve"]], list(live["times"])
         bar.update(first + 1)
         log(f"[{kind} seed {seed}] resume: after round {first} of {cfg.rounds}, from {progress.path}")
-    if agent.plan_wm is not agent.wm:
-        log(f"[{kind} seed {seed}] the first decisions compile the world model for planning (--compile: about a minute "
-            f"on a CPU, then faster decisions; --compile false skips it)")
     for r in range(first, cfg.rounds):
         if r % cfg.eval_every == 0:
             evaluate()
