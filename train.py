@@ -223,6 +223,33 @@ def adopt_model_args(cfg):
     return fixed
 
 
+def adopt_folder(cfg, fixed):
+    """--data: the environment, frame size and frame skip its meta.json records, checked against the flags given
+    (a size taken from the folder joins `fixed`: not a change of the preset)."""
+    if not os.path.isdir(cfg.data):
+        raise UserError(f"--data {cfg.data}: not a folder; pass the folder of .npz shards and meta.json "
+                        f"(python data.py --record ENV --out DIR writes one)")
+    meta = read_meta(cfg.data)
+    if meta.get("env") and cfg.env not in ("coin", meta["env"]):           # coin: the default, not asked for
+        raise UserError(f"--env {cfg.env} but --data {cfg.data} was recorded in {meta['env']}: drop --env")
+    if meta.get("env"):                                                    # the control measure replays it
+        try:
+            spec = make_env(meta["env"]).spec
+        except UserError as e:
+            raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its env cannot be made here ({e}): fix it, "
+                            f"or remove the key (then control is measured by shuffled actions only)") from None
+        if meta.get("spec") and action_space(meta["spec"]) != action_space(spec):
+            raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its spec {meta['spec']} is not the action space "
+                            f"of its env {meta['env']} ({action_space(spec)}): fix the spec, or the env")
+    if cfg.size is None and meta.get("size"):                             # the folder's size, not a change
+        fixed.add("size")
+    cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
+    if cfg.frame_skip and meta.get("frame_skip") not in (None, cfg.frame_skip):
+        raise UserError(f"--frame_skip {cfg.frame_skip} but --data {cfg.data} was recorded with frame_skip "
+                        f"{meta['frame_skip']} (its meta.json): drop --frame_skip")
+    cfg.frame_skip = cfg.frame_skip or meta.get("frame_skip") or 0    # as recorded (the control measure replays it)
+
+
 def resolve(cfg, device):
     """Check the names and fill the preset's fields; returns the expected-time note."""
     if cfg.backbone not in BACKBONES:
@@ -234,29 +261,7 @@ def resolve(cfg, device):
         raise UserError(f"{', '.join(unused)} {'sets' if len(unused) == 1 else 'set'} the generated corpus, and the episodes come from "
                         f"{'--data' if cfg.data else '--pretrain_data'}: drop {', '.join(unused)}")
     if cfg.data:                                      # episodes from a folder: its meta.json says where they came from
-        if not os.path.isdir(cfg.data):
-            raise UserError(f"--data {cfg.data}: not a folder; pass the folder of .npz shards and meta.json "
-                            f"(python data.py --record ENV --out DIR writes one)")
-        meta = read_meta(cfg.data)
-        if meta.get("env") and cfg.env not in ("coin", meta["env"]):           # coin: the default, not asked for
-            raise UserError(f"--env {cfg.env} but --data {cfg.data} was recorded in {meta['env']}: drop --env")
-        if meta.get("env"):                                                    # the control measure replays it
-            try:
-                spec = make_env(meta["env"]).spec
-            except UserError as e:
-                raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its env cannot be made here ({e}): fix it, "
-                                f"or remove the key (then control is measured by shuffled actions only)") from None
-            if meta.get("spec") and action_space(meta["spec"]) != action_space(spec):
-                raise UserError(f"{os.path.join(cfg.data, 'meta.json')}: its spec {meta['spec']} is not the action space "
-                                f"of its env {meta['env']} ({action_space(spec)}): "
-                                f"fix the spec, or the env")
-        if cfg.size is None and meta.get("size"):                             # the folder's size, not a change
-            fixed.add("size")
-        cfg.env, cfg.size = meta.get("env") or "", cfg.size or meta.get("size")
-        if cfg.frame_skip and meta.get("frame_skip") not in (None, cfg.frame_skip):
-            raise UserError(f"--frame_skip {cfg.frame_skip} but --data {cfg.data} was recorded with frame_skip "
-                            f"{meta['frame_skip']} (its meta.json): drop --frame_skip")
-        cfg.frame_skip = cfg.frame_skip or meta.get("frame_skip") or 0    # as recorded (the control measure replays it)
+        adopt_folder(cfg, fixed)
     else:                                             # 0: the game's own frame skip, stored as the number it is
         cfg.frame_skip = make_env(cfg.env, frame_skip=cfg.frame_skip).frame_skip
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
