@@ -238,10 +238,13 @@ def main():
     p.add_argument("--profile", choices=["train", "mpc"], help="only profile one DiT training step of the CPU preset "
                    "(the GPU preset on CUDA), or one MPC decision at the mbrl.py defaults: the top operators")
     p.add_argument("--json", default="bench.json", help="where the table goes as JSON (default: bench.json)")
-    p.add_argument("--png", default="bench.png", help="where --curves draws (default: bench.png)")
+    p.add_argument("--png", help="where --curves draws (default: bench.png)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--presets", help="comma-separated presets to measure (default: tiny,games, and gpu on CUDA)")
     a = p.parse_args()
+    if a.png and not a.curves:
+        raise UserError(f"--png {a.png} is where --curves draws: add --curves, or drop --png")
+    a.png = a.png or "bench.png"
     device, _, why = pick_device(a.device)
     if a.profile == "train":
         preset = "gpu" if device.type == "cuda" else "tiny"

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from envs import AT_LEAST_0, AT_LEAST_1, FRACTION, KEYS, GymEnv, UserError, check_out_file, make_env, need, run_cli, WORLDS
+from envs import AT_LEAST_0, AT_LEAST_1, FRACTION, KEYS, GymEnv, UserError, check_folder, check_out_file, make_env, need, run_cli, WORLDS
 
 FORMAT = "nanoworld-episodes-1"
 META_KEYS = ("format", "env", "size", "spec", "episodes", "frame_skip")      # what meta.json may hold
@@ -231,11 +231,12 @@ def check_shard(f, arrays, spec, labelled):
     if "frames" not in arrays:
         raise UserError(f"{f} has no 'frames' array (keys: {', '.join(arrays) or 'none'}): save uint8 frames "
                         f"(episodes, steps+1, S, S, 3) under the name 'frames'")
-    if np.ndim(arrays["frames"]) == 4:                               # one episode: every array gains the episode axis
+    shape = np.shape(arrays["frames"])                                # as saved, for the message
+    if len(shape) == 4 and shape[-1] == 3:                            # one episode: every array gains the episode axis
         arrays = {k: np.asarray(v)[None] for k, v in arrays.items()}
     x = arrays["frames"]
     if x.dtype != np.uint8 or x.ndim != 5 or x.shape[-1] != 3 or x.shape[2] != x.shape[3] or x.shape[1] < 2:
-        raise UserError(f"{f}: frames are {x.dtype} {tuple(arrays['frames'].shape)}; expected uint8 (episodes, "
+        raise UserError(f"{f}: frames are {x.dtype} {shape}; expected uint8 (episodes, "
                         f"steps+1, S, S, 3), square RGB frames, at least 2 per episode")
     E, L = x.shape[0], x.shape[1] - 1
     out = dict(frames=x, lengths=np.asarray(arrays.get("lengths", np.full(E, L + 1)), np.int64).reshape(-1))
@@ -345,6 +346,7 @@ def load_corpus(cfg, labelled, progress=True, log=None):
         if not labelled:
             arrays = {k: arrays[k] for k in ("frames", "lengths")}
         return Corpus(arrays, cfg.heldout)
+    check_folder(cfg.data_dir, "--data_dir", "the generated corpora")
     path = cache_path(cfg, labelled)
     if not os.path.exists(os.path.join(path, "meta.json")):
         if log is not None:
@@ -385,13 +387,14 @@ class ClipSampler:
     that *led into* each frame: clip_actions[i] = actions[s + i - 1] (so s >= 1). Its generator
     state is part of a checkpoint, so a resumed run does not replay the same batches."""
 
-    def __init__(self, split, clip_len, seed=0):
+    def __init__(self, split, clip_len, seed=0, fix="lower --clip_len"):
         self.split, self.T = split, clip_len
         self.rng = np.random.default_rng(seed)
         self.max_start = split["lengths"] - clip_len     # starts are 1..max_start inclusive
         self.ok = np.flatnonzero(self.max_start >= 1)
         if len(self.ok) == 0:
-            raise UserError(f"no episode is long enough for clips of {clip_len} frames: lower --clip_len")
+            raise UserError(f"no episode is long enough for clips of {clip_len} frames (the longest holds "
+                            f"{split['lengths'].max()}, and a clip starts after an episode's first frame): {fix}")
 
     def sample(self, batch):
         e = self.rng.choice(self.ok, batch)
@@ -520,6 +523,10 @@ def main(argv=None):
         except UserError:
             pass
         return
+    idle = [f"--{k}" for k in ("out", "episodes", "frames_only", "sticky") if getattr(a, k) != p.get_default(k)]
+    if idle and not a.record:
+        raise UserError(f"{', '.join(idle)} {'is' if len(idle) == 1 else 'are'} for --record: add --record ENV, or drop "
+                        f"{'it' if len(idle) == 1 else 'them'}")
     env = a.record or a.env
     game = ":" in env
     size, episode_len = a.size or (64 if game else 32), a.episode_len or (64 if game else 32)

@@ -28,7 +28,9 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import sys
+import warnings
 
 import numpy as np
 
@@ -53,7 +55,9 @@ class Stopped(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2, no traceback."""
+    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2, no traceback. A kill
+    (SIGTERM) stops it as Ctrl-C does, so that what it cleans up on the way out (half-written folders) is cleaned."""
+    signal.signal(signal.SIGTERM, interrupt)                 # (train.py sets its own while a stage trains)
     try:
         main()
     except UserError as e:
@@ -62,9 +66,16 @@ def run_cli(main):
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+
+
+def interrupt(signum, frame):
+    """A signal handler: raise KeyboardInterrupt (with the signal's number) where the program is."""
+    stop = KeyboardInterrupt()
+    stop.signum = signum
+    raise stop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +89,12 @@ def check_size(size, flag=""):
     if size < 16 or size % 8:
         raise UserError(f"{flag + str(size) + ': ' if flag else ''}frames of {size} px are not supported: use a multiple "
                         f"of 8, at least 16 (32 or 64)")
+
+
+def check_folder(path, flag, holds):
+    """A folder flag's value: a UserError if it names something that exists and is not a folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file: pass a folder (it holds {holds})")
 
 
 def action_space(spec):
@@ -134,7 +151,8 @@ def marked_pid(mark):
 
 
 def process_alive(pid):
-    """Whether a process with this id runs (on Windows, where os.kill would end it, every mark counts as alive)."""
+    """Whether a process with this id runs (on Windows, where os.kill would end it, every mark counts as alive).
+    A zombie (killed, not yet reaped by its parent: 'Z' in /proc/<pid>/stat on Linux) runs no more."""
     if os.name == "nt":
         return True
     try:
@@ -143,7 +161,11 @@ def process_alive(pid):
         return False
     except PermissionError:                                  # someone else's process
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # the state follows the name, in parentheses
+    except (OSError, IndexError):                            # no /proc (macOS): os.kill's answer stands
+        return True
 
 
 class Env:
@@ -483,17 +505,23 @@ class GymEnv(Env):
         return 1 if self.image_obs else max(1, round(fps / self.control_hz))
 
     def _make(self, i):
-        """Copy i, reset once with seed + i (gymnasium refuses a step before a reset, even into a restored state)."""
+        """Copy i, reset once with seed + i (gymnasium refuses a step before a reset, even into a restored state).
+        Gymnasium's warnings while making it are shown only if it is made: a refused id's error says it all."""
+        first = lambda e: str(e).splitlines()[0][:200].rstrip(".")
         try:
-            env = self.gym.make(self.id, render_mode="rgb_array", **self.kw)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                env = self.gym.make(self.id, render_mode="rgb_array", **self.kw)
         except self.gym.error.Error as e:
             if isinstance(e, self.gym.error.DependencyNotInstalled):         # the id is right: a package is missing
-                raise UserError(f"gym:{self.id} could not be made: {str(e).splitlines()[0][:200]}") from None
-            raise UserError(f"gym:{self.id}: {str(e).splitlines()[0][:200]}; "
-                            f"the id is a gymnasium id, e.g. gym:CartPole-v1, gym:ALE/Breakout-v5") from None
+                raise UserError(f"gym:{self.id} could not be made: {first(e)}") from None
+            raise UserError(f"gym:{self.id}: {first(e)}; the id is a gymnasium id, e.g. gym:CartPole-v1, "
+                            f"gym:ALE/Breakout-v5") from None
         except Exception as e:                                                # the game's own code: a missing module
-            raise UserError(f"gym:{self.id} could not be made: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+            raise UserError(f"gym:{self.id} could not be made: {type(e).__name__}: {first(e)} "
                             f"(install what it needs, or pick another game)") from None
+        for w in said:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         env.reset(seed=self.seed + i)
         return env
 

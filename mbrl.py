@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, FRACTION, Stopped, UserError, action_space, check_size, claimed, make_env, run_cli
+from envs import ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, Stopped, UserError, action_space, check_folder, check_size, claimed, make_env, run_cli
 from data import ClipSampler, DataConfig, generate_episodes, play_episodes, to_float
 from model import BACKBONES, compiled, make_generator, pick_device, seeded
 from adapter import WorldModel
@@ -99,7 +99,7 @@ class MBRLConfig:
     episodes: int = opt(8, "MPC episodes played in the real world per round", AT_LEAST_1)
     explore: float = opt(0.2, "probability of a random action while collecting", FRACTION)
     fit_iters: int = opt(4000, "world-model iterations of the first fit", AT_LEAST_0)
-    tokenizer_iters: int = opt(1000, "--backbone ar (without --init_from): VQ tokenizer iterations before the first fit, "
+    tokenizer_iters: int = opt(1000, "ar: VQ tokenizer iterations before the first fit (without --init_from), "
                                      "on the random-action frames (the GPT models frames as the tokenizer's codes)", AT_LEAST_1)
     motion_weight: float = opt(None, "motion-reinforced loss weight c (loss.py; default: 0 for the built-in worlds, 4 for "
                                      "games, as train.py's games preset: their controlled objects are a few pixels)", AT_LEAST_0)
@@ -116,7 +116,7 @@ class MBRLConfig:
     # the planner
     horizon: int = opt(5, "planning horizon H", AT_LEAST_1)
     candidates: int = opt(32, "action sequences scored per CEM iteration", AT_LEAST_1)
-    elites: int = opt(6, "best sequences the distribution is refitted to", AT_LEAST_1)
+    elites: int = opt(6, "best sequences the distribution is refitted to (the refit needs a spread)", AT_LEAST_2)
     cem_iters: int = opt(2, "CEM iterations per decision", AT_LEAST_1)
     gamma: float = opt(0.95, "discount", FRACTION)
     plan_batch: str = opt("auto", "how a decision imagines its candidates: tree (discrete actions: each action prefix "
@@ -150,6 +150,9 @@ class MBRLConfig:
         check_size(self.size, "--size ")
         self.context = self.context or (init["clip_len"] - 1 if init else 2 if game else 1)
         self.episode_len = self.episode_len or (200 if game else 32)
+        if self.episode_len < self.context + 1:         # a clip of context + 1 frames starts after an episode's first
+            raise UserError(f"--episode_len {self.episode_len} is too short for the world model's clips of --context "
+                            f"{self.context} + 1 frames: pass --episode_len {self.context + 1} or more")
         self.motion_weight = (4.0 if game else 0.0) if self.motion_weight is None else self.motion_weight
         theirs = ck["data"].get("frame_skip") if ck else 0
         if self.frame_skip and theirs and self.frame_skip != theirs:   # the model learned the steps of its own skip
@@ -379,10 +382,11 @@ class Agent:
         towards hard clips is the point): a clip's priority is the model's error on its last frame, predicted
         from the frames before it the way the planner predicts (one_step_error), refreshed after each update;
         new clips enter at the top. --model_alpha 0 is uniform replay."""
-        wm_clips = ClipSampler(buffer, self.wm.backbone.cfg.clip_len, seed=rng_seed)
+        fix = f"{self.cfg.env}'s episodes end sooner: lower --context (or raise --episode_len, if it cut them)"
+        wm_clips = ClipSampler(buffer, self.wm.backbone.cfg.clip_len, seed=rng_seed, fix=fix)
         episode, start = wm_clips.every_clip()
         self.replay.grow(len(episode) - len(self.replay.p))
-        pairs = ClipSampler(buffer, 2, seed=rng_seed + 1)
+        pairs = ClipSampler(buffer, 2, seed=rng_seed + 1, fix=fix)
         loss = loss_r = torch.tensor(float("nan"))                          # iters = 0: only the priorities grow
         for _ in tqdm(range(iters), desc="world model and reward head", unit="it", disable=None, leave=False):
             idx, _ = self.replay.sample(self.cfg.batch_size)
@@ -900,8 +904,7 @@ def main(cfg):
     kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}
     if cfg.imagination not in kinds:
         raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UserError(f"--out {cfg.out} is a file: pass a folder (it holds results.json, curves.png and the log)")
+    check_folder(cfg.out, "--out", "results.json, curves.png and the log")
     if not cfg.bench and os.path.exists(os.path.join(cfg.out, "results.json")):
         raise UserError(f"{cfg.out} already holds a finished run (results.json)" + (": there is nothing to resume" if
                         cfg.resume else "") + ": pass another --out or delete it")
@@ -920,12 +923,6 @@ def main(cfg):
         return study(cfg, spec, device, why, log, kinds[cfg.imagination])
 
 
-def stop_now(signum, frame):
-    stop = KeyboardInterrupt()
-    stop.signum = signum
-    raise stop
-
-
 def study(cfg, spec, device, why, log, kinds):
     """Every seed's learned-model runs (one per imagination kind) and baselines -> results.json, curves.png."""
     seeds, progress = range(cfg.first_seed, cfg.first_seed + cfg.seeds), Progress(cfg, torch.device(device))
@@ -934,8 +931,7 @@ def study(cfg, spec, device, why, log, kinds):
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
     bar = tqdm(total=cfg.seeds * len(kinds) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)
     dec = []
-    term = signal.signal(signal.SIGTERM, stop_now)                        # a kill says how to resume, as Ctrl-C does
-    try:
+    try:                                                                  # (a kill is a KeyboardInterrupt too: run_cli)
         for seed in seeds:
             done = progress.s["seeds"].get(seed, {})
             if "baselines" in done:
@@ -962,8 +958,6 @@ def study(cfg, spec, device, why, log, kinds):
                "in the first fit, before anything was saved: the same command starts the run again")
         log(f"stopped: {msg}", echo=False)
         raise Stopped(msg, 128 + getattr(e, "signum", signal.SIGINT)) from None
-    finally:
-        signal.signal(signal.SIGTERM, term)
     bar.close()
     R_rand, R_orc = np.mean(base["random"]["final"]), np.mean(base["oracle_mpc"]["final"])
     for m in methods.values():

@@ -11,6 +11,7 @@ needs: the model is rebuilt from the config stored inside, and the held-out epis
 regenerated from the data config stored there too.
 """
 import argparse
+import contextlib
 import os
 import pickle
 import time
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from envs import KEYS, UserError, check_out_file, keys_for, run_cli
+from envs import KEYS, UserError, check_folder, check_out_file, keys_for, run_cli
 from data import ClipSampler, DataConfig, cache_path, load_corpus, spread_clips, to_uint8
 from model import BACKBONES, VideoGPT, make_generator, pick_device
 from adapter import WorldModel, check_actions
@@ -420,7 +421,7 @@ def bench_play(player, frames=32):
     return frames / (time.perf_counter() - t)
 
 
-def main(argv=None):
+def arg_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", help="a checkpoint written by train.py")
     p.add_argument("--out", default="rollout.gif", help="the GIF to write")
@@ -441,16 +442,46 @@ def main(argv=None):
     p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
     p.add_argument("--seed", type=int, default=0, help="the seed of the sampling noise (the held-out clips shown are the same for every seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    a = p.parse_args(argv)
+    p.add_argument("--data_dir", help="where the checkpoint's held-out episodes are generated and cached when its own "
+                                      "cache is not there (default: the checkpoint's --data_dir)")
+    return p
+
+
+def main(argv=None):
+    a = arg_parser().parse_args(argv)
     check_args(a)
+    with play_threads(a):
+        return run(a)
+
+
+@contextlib.contextmanager
+def play_threads(a):
+    """Play computes one small frame at a time: on a CPU it runs on one thread (OMP_NUM_THREADS=N chooses another
+    number). On the 2-core CPU one thread ran ~13% slower than two alone, and 60x faster beside another busy process,
+    where two threads wait on each other at every operation (42.6 against 0.7 frames/s, 2026-12-04)."""
+    threads = torch.get_num_threads()
+    if (a.play or a.bench_play) and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(a):
+    """What the checked flags ask for: a GIF of held-out rollouts, play, or play's frames per second."""
     device, _, why = pick_device(a.device)
     model, ck = load_model(a.ckpt, device)
+    if a.data_dir:                                                        # (the corpus is the same wherever it is cached)
+        ck["data"]["data_dir"] = os.path.abspath(a.data_dir)
     sampling = sampling_args(a, ck)
     if a.play or a.bench_play:
         return play(a, model, ck, device, why, sampling)
-    acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions else None
-    if ck.get("adapter") == "none":
-        print(f"note: {a.ckpt} has no action module (adapter 'none'): its rollouts under other actions are the same")
+    blind = ck.get("adapter") == "none"
+    if blind:
+        print(f"note: {a.ckpt} has no action module (adapter 'none'): its rollouts under other actions are the same"
+              + (", so --actions is not read" if a.actions else ""))
+    acts = parse_actions(a.actions, ck["spec"], a.horizon) if a.actions and not blind else None
     n, H = compare_gif(model, ck, a.out, a.n, a.horizon, a.seed, device, acts, **sampling)
     print(f"wrote {a.out}: {n} held-out episode{'s' * (n != 1)} of {source(ck)}" +
           (f" ({a.n} asked: the held-out split holds {n})" if n < a.n else "") + f", {H} frames" +
@@ -482,7 +513,7 @@ def check_args(a):
     if not a.ckpt:
         raise UserError("--ckpt is required: a checkpoint written by train.py")
     if a.n < 1 or a.horizon < 1 or (a.steps is not None and a.steps < 1):
-        raise UserError(f"--n, --steps and --horizon must be at least 1 (got {a.n}, {a.steps or 'unset'}, {a.horizon})")
+        raise UserError(f"--n, --steps and --horizon must be at least 1 (got {a.n}, {'unset' if a.steps is None else a.steps}, {a.horizon})")
     if a.n > 64:
         raise UserError(f"--n {a.n}: one GIF shows 64 episodes at most (a row each); pass fewer")
     if (a.temperature or 0) < 0 or (a.top_k or 0) < 0:
@@ -491,6 +522,8 @@ def check_args(a):
         raise UserError("--keys plays a scripted game: add --play (and --out FILE.gif)")
     if a.keymap and not (a.play or a.bench_play):
         raise UserError("--keymap rebinds the keys of --play: add --play")
+    if a.data_dir:
+        check_folder(a.data_dir, "--data_dir", "generated corpora")
     if a.bench_play or (a.play and a.keys is None):                       # nothing to write (the window shows it)
         return
     check_out_file(a.out, "--out", ".gif")

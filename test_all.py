@@ -1,5 +1,7 @@
 """test_all.py — the test suite: `python -m pytest -q test_all.py` (CPU, a few minutes)."""
+import contextlib
 import copy
+import io
 import json
 import re
 import os
@@ -7,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -695,6 +698,9 @@ def test_sample_writes_an_animated_gif_from_the_checkpoint_alone(tiny_run, tmp_p
             "--actions", "4,4,1", "--temperature", "0.5", cwd=str(tiny_run))           # what does nothing is said
     assert r.returncode == 0 and "without --temperature: ignored" in r.stdout and "the last 1 is not used" in r.stdout
     assert Image.open(tmp_path / "x.gif").n_frames > 1
+    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(tiny_run / "out" / "pretrain.pt"), "--out", str(tmp_path / "z.gif"),
+            "--horizon", "2", "--n", "1", "--actions", "9,9", cwd=str(tiny_run))   # no adapter: the actions are not read
+    assert r.returncode == 0 and "so --actions is not read" in r.stdout, r.stderr[-2000:]
     r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "y.gif"), "--horizon", "99",
             "--n", "1", cwd=str(tiny_run))                                # longer than any episode: drawn shorter, said
     assert r.returncode == 0 and "99 asked" in r.stdout, r.stderr[-2000:]
@@ -893,8 +899,9 @@ def test_bad_inputs_give_one_line_errors_and_overwrite_nothing(tiny_run, tmp_pat
         data.main(["--preview", str(tmp_path / "x.txt")])
     import sample                                    # sample.py's flags are checked before the checkpoint loads
     for args, match in ((["--keys", "right"], "add --play"), (["--play", "--keys", "right,,left"], "'' is not a key"),
-                        (["--n", "1000"], "64 episodes at most"), (["--steps", "0"], "at least 1"),
-                        (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder")):
+                        (["--n", "1000"], "64 episodes at most"), (["--steps", "0"], re.escape("at least 1 (got 4, 0, 16)")),
+                        (["--out", str(tmp_path / "nodir" / "x.gif")], "no folder"),
+                        (["--data_dir", str(ck)], "--data_dir .* is a file")):
         with pytest.raises(UserError, match=match):
             sample.main(["--ckpt", str(tmp_path / "never_read.pt"), *args])
 
@@ -927,12 +934,17 @@ def test_flags_are_checked_before_any_work(tmp_path):
             train.parse_args(argv)
     for argv, match in ((["--heads", "3"], "multiple of --heads 3"), (["--patch", "5"], "multiple of --patch 5"),
                         (["--denoise_frames", "2"], "below --clip_len 2"),
-                        (["--backbone", "ar", "--clip_len", "4", "--denoise_frames", "2"], "dit only")):
+                        (["--backbone", "ar", "--clip_len", "4", "--denoise_frames", "2"], "--denoise_frames is for --backbone dit")):
         with pytest.raises(UserError, match=match):
             train.resolve(train.parse_args(argv), torch.device("cpu"))
     assert "made for a CUDA GPU" in train.resolve(train.parse_args(["--preset", "gpu"]), torch.device("cpu"))
+    assert train.resolve(train.parse_args(["--max_iters", "20"]), torch.device("cpu")).endswith("changed here: --max_iters")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="--data_dir .*a_file is a file: pass a folder"):   # (was a traceback)
+        train.resolve(train.parse_args(["--data_dir", str(tmp_path / "a_file")]), torch.device("cpu"))
     for argv, match in ((["--gamma", "2"], "between 0 and 1"), (["--horizon", "0"], "--horizon 0"),
-                        (["--elites", "40"], "at most --candidates 32")):
+                        (["--elites", "40"], "at most --candidates 32"), (["--elites", "1"], "--elites 1: must be 2 or more"),
+                        (["--episode_len", "4", "--context", "5"], "too short .* pass --episode_len 6 or more")):
         with pytest.raises(UserError, match=match):
             mbrl.parse_args(argv)
     with pytest.raises(UserError, match="choose auto, cpu, cuda"):
@@ -946,6 +958,37 @@ def test_flags_are_checked_before_any_work(tmp_path):
     assert mbrl.normalized(1.0, 2.0, 0.5) is None                          # a true planner below random: no scale
     assert mbrl.replay_safe("cuda", "dit", 1) and not mbrl.replay_safe("cpu", "dit", 1)
     assert not mbrl.replay_safe("cuda", "ar", 1) and not mbrl.replay_safe("cuda", "dit", 2)   # caches across calls
+
+
+def test_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch):
+    """A flag of the other backbone, or one that only a mode not asked for reads, is a one-line error naming it, not
+    a run that ignores it."""
+    import bench, data, mbrl, train
+    for parse, argv, match in ((train, ["--temperature", "1"], "--temperature is for --backbone ar, and this run's backbone is dit"),
+                               (train, ["--backbone", "ar", "--distance", "l1"], "--distance is for --backbone dit"),
+                               (mbrl, ["--tokenizer_iters", "5"], "--tokenizer_iters is for --backbone ar"),
+                               (mbrl, ["--backbone", "ar", "--plan_steps", "2"], "--plan_steps is for --backbone dit")):
+        with pytest.raises(UserError, match=match):
+            parse.parse_args(argv)
+    assert train.parse_args(["--backbone", "ar", "--temperature", "1"]).temperature == 1
+    with pytest.raises(UserError, match="--out, --episodes are for --record: add --record ENV"):
+        data.main(["--out", str(tmp_path / "rec"), "--episodes", "3"])
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--png", str(tmp_path / "b.png")])
+    with pytest.raises(UserError, match="is where --curves draws: add --curves"):
+        bench.main()
+    assert not os.listdir(tmp_path)
+
+
+def test_a_killed_process_not_yet_reaped_holds_no_folder():
+    """A zombie (killed, its parent not yet waiting for it) runs no more: its mark on a folder is taken over."""
+    from envs import process_alive
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert process_alive(p.pid)
+    p.kill()
+    deadline = time.time() + 10
+    while process_alive(p.pid) and time.time() < deadline:           # (dead, not reaped: a zombie)
+        time.sleep(0.05)
+    assert not process_alive(p.pid) and p.poll() is not None and process_alive(os.getpid())
 
 
 def test_an_unknown_procgen_game_is_an_error_not_an_abort():
@@ -1404,6 +1447,11 @@ def test_unknown_environments_and_missing_packages_are_one_line_errors():
     with pytest.raises(UserError, match="gym:"):
         game("gymnasium")
         make_env("gym:NoSuchGame-v0")
+    with warnings.catch_warnings(record=True) as said:                  # a refused id: its error alone, no warnings
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="Please use `Taxi-v4` instead; the id is a gymnasium id"):
+            make_env("gym:Taxi-v3")
+    assert not said
 
 
 def test_copies_of_a_gym_game_start_apart():
@@ -1517,6 +1565,7 @@ def test_episodes_on_disk_round_trip_and_bad_files_name_themselves(tmp_path):
     arrays, _ = read_folder(str(tmp_path / "ok"), labelled=True, size=32)   # padded and resized
     assert arrays["frames"].shape == (10, 7, 32, 32, 3) and (arrays["lengths"][5:] <= 4).all()
     bad = [(dict(frames=np.zeros((10, 5))), "uint8"),
+           (dict(frames=ep["frames"][..., 0]), re.escape(f"frames are uint8 {ep['frames'][..., 0].shape};")),  # grey
            (dict(pixels=ep["frames"]), "no 'frames'"),
            (dict(ep, actions=ep["actions"] + 7), "actions"),
            (dict(ep, frames=ep["frames"][:, :, :8, :8]), "one frame size"),
@@ -1563,6 +1612,13 @@ def test_a_stopped_recording_leaves_no_half_written_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_folder(str(tmp_path / "d"), stopped(), "coin", 16, make_env("coin").spec)
     assert sorted(os.listdir(tmp_path)) == ["d"] and sorted(os.listdir(tmp_path / "d")) == ["meta.json", "shard_000.npz"]
+    run = subprocess.Popen([sys.executable, "data.py", "--record", "coin", "--out", str(tmp_path / "r"), "--episodes",
+                            "100000", "--episode_len", "1000"], cwd=HERE, stderr=subprocess.PIPE, text=True)
+    while not any(n.startswith("r.tmp") for n in os.listdir(tmp_path)):  # (a kill, not Ctrl-C: run_cli makes it one)
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 128 + signal.SIGTERM and "interrupted" in run.stderr.read()
+    assert sorted(os.listdir(tmp_path)) == ["d"]
 
 
 def test_meta_json_is_checked_by_value_and_one_episode_shards_read(tmp_path):
@@ -1637,6 +1693,13 @@ def test_short_recorded_episodes_are_reported_and_name_the_flags_that_fit(tmp_pa
         train.check_lengths(data, cfg.clip_len, 64)
     horizon = int(re.search("pass --horizon ([0-9]+)", str(err.value)).group(1))
     train.check_lengths(data, cfg.clip_len, horizon)                    # what it names fits
+    from types import SimpleNamespace as NS                            # generated episodes: the flag, or another game
+    short = NS(train=dict(lengths=np.array([3, 4])), test=dict(lengths=np.array([4])))
+    assert train.longer(short, NS(data="", env="coin"), dict(data=dict(episode_len=3))) == "raise --episode_len"
+    assert "ended all of these within 3 steps" in train.longer(short, NS(data="", env="gym:Blackjack-v1"), dict(data=dict(episode_len=12)))
+    from data import ClipSampler
+    with pytest.raises(UserError, match="the longest holds 4, .*: lower --context"):   # mbrl.py names its own flag
+        ClipSampler(short.train, 4, fix="lower --context")
     with pytest.raises(UserError, match="--frame_skip 3 but --data .* was recorded with frame_skip 2"):
         train.resolve(train.parse_args(["--data", str(tmp_path / "cp"), "--frame_skip", "3"]), torch.device("cpu"))
 
@@ -1690,8 +1753,12 @@ def test_play_follows_the_keys(tiny_run, tmp_path):
     assert r.returncode == 0 and "keys: left -> 3, right -> 4" in r.stdout, r.stderr[-2000:]
     from PIL import Image
     assert Image.open(tmp_path / "p.gif").n_frames == 7
-    r = run(os.path.join(HERE, "sample.py"), "--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--bench_play", cwd=str(tiny_run))
-    assert r.returncode == 0 and re.search(r"[0-9.]+ frames/s", r.stdout), r.stderr[-2000:]
+    import sample                                  # play on one CPU thread (unless OMP_NUM_THREADS says), then as before
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        sample.main(["--ckpt", str(tiny_run / "out" / "ckpt.pt"), "--bench_play"])
+    assert re.search(r"[0-9.]+ frames/s", said.getvalue()) and torch.get_num_threads() == threads
+    assert "OMP_NUM_THREADS" in os.environ or "cpu (1 thread)" in said.getvalue()
 
 
 def test_a_stopped_mbrl_run_resumes_to_the_results_of_one_never_stopped(tmp_path, monkeypatch):

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, action_space, check_size, claimed, keys_for, locate_agent,
-                  make_env, run_cli)
+from envs import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, AT_LEAST_2, FRACTION, GymEnv, Stopped, UserError, action_space,
+                  check_folder, check_size, claimed, keys_for, locate_agent, make_env, run_cli)
 from data import ClipSampler, DataConfig, behaviour_policy, load_corpus, read_meta, spread_clips, to_float, to_uint8
 from model import (ARConfig, BACKBONES, VideoGPT, forward_flops, make_generator, make_tokenizer, peak_flops,
                    pick_device, seeded, tokenizer_flops)
@@ -165,7 +165,17 @@ def parse_config(cls, doc, argv=None):
         ok, words = f.metadata.get("valid") or (None, "")
         if ok and args[f.name] is not None and not ok(args[f.name]):
             raise UserError(f"--{f.name} {args[f.name]}: must be {words} ({f.metadata['help']})")
-    return cls(**args)
+    cfg = cls(**args)
+    check_backbone_flags(cfg)
+    return cfg
+
+
+def check_backbone_flags(cfg):
+    """A flag of one backbone (its help begins 'dit:' or 'ar:') given to a run of the other: a UserError naming it."""
+    for f in fields(cfg):
+        kind = f.metadata["help"].split(":", 1)[0]
+        if kind in BACKBONES and kind != cfg.backbone and getattr(cfg, f.name) != f.default:
+            raise UserError(f"--{f.name} is for --backbone {kind}, and this run's backbone is {cfg.backbone}: drop it")
 
 
 def parse_args(argv=None):
@@ -176,10 +186,8 @@ def check_model_flags(cfg):
     """The preset-filled model and loss flags, checked together: a one-line UserError for any that cannot work."""
     if cfg.distance not in ("mse", "l1"):
         raise UserError(f"--distance '{cfg.distance}': choose mse or l1")
-    if cfg.backbone == "ar" and cfg.distance != "mse":
-        raise UserError(f"--distance {cfg.distance} is for --backbone dit: the GPT scores codes by cross-entropy; drop it")
-    if cfg.denoise_frames > 1 and (cfg.backbone != "dit" or cfg.denoise_frames >= cfg.clip_len):
-        raise UserError(f"--denoise_frames {cfg.denoise_frames}: dit only, and below --clip_len {cfg.clip_len} (a clip "
+    if cfg.denoise_frames >= cfg.clip_len:                               # (a dit flag: check_backbone_flags)
+        raise UserError(f"--denoise_frames {cfg.denoise_frames}: must be below --clip_len {cfg.clip_len} (a clip "
                         f"keeps one clean context frame at least)")
     if cfg.clip_len < 2:
         raise UserError(f"--clip_len {cfg.clip_len}: a clip needs a context frame and a frame to predict, pass 2 or more")
@@ -264,8 +272,8 @@ def resolve(cfg, device):
         adopt_folder(cfg, fixed)
     else:                                             # 0: the game's own frame skip, stored as the number it is
         cfg.frame_skip = make_env(cfg.env, frame_skip=cfg.frame_skip).frame_skip
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UserError(f"--out {cfg.out} is a file: pass a folder (it holds the checkpoints, metrics and log)")
+    check_folder(cfg.out, "--out", "the checkpoints, metrics and log")
+    check_folder(cfg.data_dir, "--data_dir", "the generated corpora")
     if cfg.adapter not in ADAPTERS:
         raise UserError(f"unknown adapter '{cfg.adapter}': choose one of {', '.join(ADAPTERS)}")
     if cfg.stage not in ("pretrain", "finetune", "scratch", "all"):
@@ -285,7 +293,9 @@ def resolve(cfg, device):
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
-    changed = [k for k in preset if k != "expect" and k not in fixed and getattr(cfg, k) != preset[k]]
+    derived = {"pretrain_iters", "finetune_iters", "tokenizer_iters"} if cfg.max_iters else set()   # --max_iters sets them
+    changed = [k for k in preset if k != "expect" and k not in fixed | derived and getattr(cfg, k) != preset[k]]
+    changed += ["max_iters"] if cfg.max_iters else []
     expect = preset["expect"] if name != "gpu" or device.type == "cuda" else \
         f"made for a CUDA GPU: on this {device.type} its defaults take many hours; --preset tiny or games fit a CPU"
     return expect + (f" at its defaults; changed here: --{', --'.join(changed)}" if changed else "")
@@ -1103,10 +1113,10 @@ def train(cfg):
     return m
 
 
-def check_lengths(data, clip_len, horizon, clip_fixed=False):
+def check_lengths(data, clip_len, horizon, clip_fixed=False, longer="record longer episodes"):
     """Whether the labelled corpus holds training clips of clip_len frames and held-out clips of the context and
     `horizon` frames; else a UserError naming a --clip_len and --horizon that fit together (clip_fixed: the clip
-    length comes with --init_from, so only the horizon may change)."""
+    length comes with --init_from, so only the horizon may change), or, where none fit, saying `longer`."""
     train, held = int(data.train["lengths"].max()), int(data.test["lengths"].max())
     if train >= clip_len + 1 and held >= clip_len + horizon:                 # (a clip starts after frame 0)
         return
@@ -1116,11 +1126,21 @@ def check_lengths(data, clip_len, horizon, clip_fixed=False):
            f"{horizon} after {clip_len - 1} context frames needs {clip_len + horizon} (a clip starts after an episode's "
            f"first frame); the longest training episode holds {train}, the longest held-out {held}")
     if c < 2 or c > train - 1 or most < 1:
-        raise UserError(f"{why}: record longer episodes" + (" (the --init_from model fixes --clip_len)" if clip_fixed else ""))
+        raise UserError(f"{why}: {longer}" + (" (the --init_from model fixes --clip_len)" if clip_fixed else ""))
     h = horizon if horizon <= most else half if half >= 1 else most
     flags = " ".join(([f"--clip_len {c}"] if c != clip_len else []) + ([f"--horizon {h}"] if h != horizon else []))
     note = f" (half the held-out episodes fit it; at most {most})" if h == half and h != horizon else ""
-    raise UserError(f"{why}: pass {flags}{note}, or record longer episodes")
+    raise UserError(f"{why}: pass {flags}{note}, or {longer}")
+
+
+def longer(data, cfg, desc):
+    """What makes longer episodes: another folder, a larger --episode_len if it cut them, else another game."""
+    most = int(max(data.train["lengths"].max(), data.test["lengths"].max())) - 1           # steps
+    if cfg.data:
+        return "record longer episodes"
+    if most >= desc["data"]["episode_len"]:
+        return "raise --episode_len"
+    return f"choose a game with longer episodes ({cfg.env} ended all of these within {most} steps by itself)"
 
 
 def origins(cfg, init, tok_from):
@@ -1144,7 +1164,7 @@ def run_recipe(cfg, stages, files, desc, init, tok_from, device, amp, why, dist,
             kind = "labelled" if labelled and not frames_only else "action-free"
             log(f"{kind} corpus: {len(data.train['frames'])} episodes to train on, "
                 f"{len(data.test['frames'])} held out ({time.time() - t0:.0f} s)")
-        check_lengths(data, desc["model_args"]["clip_len"], cfg.horizon, bool(cfg.init_from))   # train and evaluate?
+        check_lengths(data, desc["model_args"]["clip_len"], cfg.horizon, bool(cfg.init_from), longer(data, cfg, desc))
     dist.barrier()
     t0 = time.time()
     tok = tokenizer_weights(tok_from, cfg.tokenizer) if tok_from is not None else None
