@@ -394,7 +394,7 @@ class ClipSampler:
         self.ok = np.flatnonzero(self.max_start >= 1)
         if len(self.ok) == 0:
             raise UserError(f"no episode is long enough for clips of {clip_len} frames (the longest holds "
-                            f"{split['lengths'].max()}, and a clip starts after an episode's first frame): {fix}")
+                            f"{split['lengths'].max()} frames, and a clip starts after an episode's first frame): {fix}")
 
     def sample(self, batch):
         e = self.rng.choice(self.ok, batch)

@@ -57,7 +57,8 @@ class Stopped(Exception):
 def run_cli(main):
     """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2, no traceback. A kill
     (SIGTERM) stops it as Ctrl-C does, so that what it cleans up on the way out (half-written folders) is cleaned."""
-    signal.signal(signal.SIGTERM, interrupt)                 # (train.py sets its own while a stage trains)
+    if "LOCAL_RANK" not in os.environ:                       # (torchrun's workers keep the default: a worker waiting
+        signal.signal(signal.SIGTERM, interrupt)             #  in a collective would never reach a Python handler)
     try:
         main()
     except UserError as e:
@@ -161,11 +162,13 @@ def process_alive(pid):
         return False
     except PermissionError:                                  # someone else's process
         return True
+    if not os.path.isdir("/proc/self"):                      # no /proc (macOS): os.kill's answer stands
+        return True
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # the state follows the name, in parentheses
-    except (OSError, IndexError):                            # no /proc (macOS): os.kill's answer stands
-        return True
+    except OSError:                                          # gone since os.kill
+        return False
 
 
 class Env:
@@ -450,6 +453,9 @@ def time_limit(env):
     return env
 
 
+GYM_WARNED = {}                                    # the gymnasium warnings GymEnv has shown (shown once)
+
+
 class GymEnv(Env):
     """N copies of a gymnasium environment, stepped one after another; frames resized to size x size. Discrete(n)
     actions are ids; Box(A,) actions are vectors in [-1, 1]^A, scaled to the environment's bounds. The frame is the
@@ -507,7 +513,7 @@ class GymEnv(Env):
     def _make(self, i):
         """Copy i, reset once with seed + i (gymnasium refuses a step before a reset, even into a restored state).
         Gymnasium's warnings while making it are shown only if it is made: a refused id's error says it all."""
-        first = lambda e: str(e).splitlines()[0][:200].rstrip(".")
+        first = lambda e: (str(e).splitlines() or [""])[0][:200].rstrip(".")
         try:
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
@@ -520,8 +526,8 @@ class GymEnv(Env):
         except Exception as e:                                                # the game's own code: a missing module
             raise UserError(f"gym:{self.id} could not be made: {type(e).__name__}: {first(e)} "
                             f"(install what it needs, or pick another game)") from None
-        for w in said:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for w in said:                                                        # (once each, as unrecorded ones are)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=GYM_WARNED)
         env.reset(seed=self.seed + i)
         return env
 

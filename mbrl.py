@@ -382,7 +382,8 @@ class Agent:
         towards hard clips is the point): a clip's priority is the model's error on its last frame, predicted
         from the frames before it the way the planner predicts (one_step_error), refreshed after each update;
         new clips enter at the top. --model_alpha 0 is uniform replay."""
-        fix = f"{self.cfg.env}'s episodes end sooner: lower --context (or raise --episode_len, if it cut them)"
+        fix = (f"{self.cfg.env}'s episodes end sooner: " + ("choose a game with longer ones (the --init_from model fixes "
+               "--context)" if self.cfg.init_from else "lower --context (or raise --episode_len, if it cut them)"))
         wm_clips = ClipSampler(buffer, self.wm.backbone.cfg.clip_len, seed=rng_seed, fix=fix)
         episode, start = wm_clips.every_clip()
         self.replay.grow(len(episode) - len(self.replay.p))

@@ -442,8 +442,8 @@ def arg_parser():
     p.add_argument("--bench_play", action="store_true", help="print the frames per second of play on this device")
     p.add_argument("--seed", type=int, default=0, help="the seed of the sampling noise (the held-out clips shown are the same for every seed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--data_dir", help="where the checkpoint's held-out episodes are generated and cached when its own "
-                                      "cache is not there (default: the checkpoint's --data_dir)")
+    p.add_argument("--data_dir", help="look for the checkpoint's held-out episodes here, generating them if they are "
+                                      "not (None: in the checkpoint's own --data_dir)")
     return p
 
 

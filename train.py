@@ -172,7 +172,7 @@ def parse_config(cls, doc, argv=None):
 
 def check_backbone_flags(cfg):
     """A flag of one backbone (its help begins 'dit:' or 'ar:') given to a run of the other: a UserError naming it."""
-    for f in fields(cfg):
+    for f in fields(cfg) if cfg.backbone in BACKBONES else ():          # (an unknown one is refused by name later)
         kind = f.metadata["help"].split(":", 1)[0]
         if kind in BACKBONES and kind != cfg.backbone and getattr(cfg, f.name) != f.default:
             raise UserError(f"--{f.name} is for --backbone {kind}, and this run's backbone is {cfg.backbone}: drop it")
@@ -284,6 +284,9 @@ def resolve(cfg, device):
         raise UserError(f"unknown preset '{cfg.preset}': choose one of auto, {', '.join(PRESETS)}")
     cfg.preset = name
     preset = {k: v for k, v in PRESETS[name].items() if not isinstance(v, dict)} | PRESETS[name][cfg.backbone]
+    stages = [f"--{k}" for k in ("tokenizer_iters", "pretrain_iters", "finetune_iters") if getattr(cfg, k) is not None]
+    if cfg.max_iters and stages:
+        raise UserError(f"--max_iters sets every stage's iterations, and so do {', '.join(stages)}: pass one or the other")
     for k, v in preset.items():
         if k != "expect" and getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -293,7 +296,7 @@ def resolve(cfg, device):
     if cfg.max_iters:
         cfg.pretrain_iters = cfg.finetune_iters = cfg.max_iters
         cfg.tokenizer_iters = cfg.tokenizer_iters and cfg.max_iters
-    derived = {"pretrain_iters", "finetune_iters", "tokenizer_iters"} if cfg.max_iters else set()   # --max_iters sets them
+    derived = {"pretrain_iters", "finetune_iters", "tokenizer_iters"} if cfg.max_iters else set()   # --max_iters set them
     changed = [k for k in preset if k != "expect" and k not in fixed | derived and getattr(cfg, k) != preset[k]]
     changed += ["max_iters"] if cfg.max_iters else []
     expect = preset["expect"] if name != "gpu" or device.type == "cuda" else \
