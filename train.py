@@ -128,7 +128,7 @@ PRESETS = {   # shared fields, then each backbone's own
                   episode_len=32, motion_weight=4.0, distance="mse",
                   dit=dict(patch=8, margin=4, pretrain_iters=500, finetune_iters=1200, expect="17-19 min on a 2-core CPU"),
                   ar=dict(down=3, codes=512, reach=1, tokenizer_iters=1000, pretrain_iters=400, finetune_iters=1200,
-                          temperature=0.0, top_k=0, expect="about 25 min on a 2-core CPU")),
+                          temperature=0.0, top_k=0, expect="25-45 min on a 2-core CPU")),
     "gpu": dict(size=64, width=384, depth=8, heads=6, clip_len=6, batch_size=64, lr=5e-4, n_free=8192, n_labelled=2048,
                 episode_len=32, motion_weight=0.0, distance="mse",
                 dit=dict(patch=4, margin=4, pretrain_iters=8000, finetune_iters=8000, expect="see README for the time on one GPU"),
