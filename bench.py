@@ -192,8 +192,8 @@ def show(rows):
           f"256 candidates x horizon 8: {rows['mpc_ms_256x8']} ms | peak memory {rows['peak_memory_mb']} MB")
 
 
-def curves(device, path):
-    """Three cost curves as one PNG (see the module docstring)."""
+def curves(device, path, why):
+    """Three cost curves as one PNG (see the module docstring), titled with the device they were measured on."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -215,6 +215,7 @@ def curves(device, path):
     for a in ax:
         a.grid(alpha=0.3)
     ax[0].legend(); ax[1].legend(fontsize=7)
+    fig.suptitle(f"bench.py --curves: the tiny preset's untrained models, mbrl.py's planner (coin) | {why}", fontsize=10)
     fig.tight_layout(); fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
@@ -237,14 +238,16 @@ def main():
     p.add_argument("--curves", action="store_true", help="also draw the cost curves into --png")
     p.add_argument("--profile", choices=["train", "mpc"], help="only profile one DiT training step of the CPU preset "
                    "(the GPU preset on CUDA), or one MPC decision at the mbrl.py defaults: the top operators")
-    p.add_argument("--json", default="bench.json", help="where the table goes as JSON (default: bench.json)")
+    p.add_argument("--json", help="where the table goes as JSON (default: bench.json)")
     p.add_argument("--png", help="where --curves draws (default: bench.png)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--presets", help="comma-separated presets to measure (default: tiny,games, and gpu on CUDA)")
     a = p.parse_args()
     if a.png and not a.curves:
         raise UserError(f"--png {a.png} is where --curves draws: add --curves, or drop --png")
-    a.png = a.png or "bench.png"
+    if a.profile and (idle := [f"--{k}" for k in ("curves", "json", "presets") if getattr(a, k)]):
+        raise UserError(f"--profile prints one profile and measures no table: drop {', '.join(idle)}")
+    a.png, a.json = a.png or "bench.png", a.json or "bench.json"
     device, _, why = pick_device(a.device)
     if a.profile == "train":
         preset = "gpu" if device.type == "cuda" else "tiny"
@@ -272,7 +275,7 @@ def main():
     show(rows)
     print(f"wrote {a.json} ({rows['seconds']:.0f} s)")
     if a.curves:
-        curves(device, a.png)
+        curves(device, a.png, why)
 
 
 if __name__ == "__main__":

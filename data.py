@@ -357,7 +357,11 @@ def load_corpus(cfg, labelled, progress=True, log=None):
 
 
 def cache_path(cfg, labelled):
-    key = dict(asdict(cfg), data_dir=None, folder=None, free_folder=None, labelled=labelled, version=DATA_VERSION)
+    """The cache folder of a generated corpus: named by what makes its episodes (not where it is, how much of it is
+    held out, or the size of the other corpus)."""
+    key = dict(asdict(cfg), labelled=labelled, version=DATA_VERSION)
+    for k in ("data_dir", "folder", "free_folder", "heldout", "n_free" if labelled else "n_labelled"):
+        del key[k]
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     name = cfg.env.replace(":", "-").replace("/", "-")
     return os.path.join(cfg.data_dir, f"{name}-{'labelled' if labelled else 'free'}-{cfg.size}px-{tag}")

@@ -625,7 +625,7 @@ class Progress:
     planner's batching differ by device)."""
     FREE = {"resume", "device", "compile", "out"}         # flags a resumed run may change (the device's kind is checked)
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, log=print):
         self.path, self.t0 = os.path.join(cfg.out, "progress.pt"), time.time()
         self.s = dict(format=CKPT_FORMAT, backbone=cfg.backbone, config=asdict(cfg), device=device.type, wall=0.0,
                       seeds={}, fitted=None, live=None)
@@ -633,7 +633,7 @@ class Progress:
             os.remove(self.path + ".tmp")
         if not os.path.exists(self.path):
             if cfg.resume:
-                print(f"note: --resume found no {self.path}: starting the run from the beginning")
+                log(f"note: --resume found no {self.path}: starting the run from the beginning")
             return
         if not cfg.resume:
             raise UserError(f"{cfg.out} holds a stopped run ({self.path}): pass --resume to continue it, or another --out")
@@ -740,7 +740,8 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
         log(f"[seed {seed}] the first decisions compile the world model for planning (--compile: about a minute on a "
             f"CPU, then faster decisions; --compile false skips it)")
     desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len,
-                                                         frame_skip=cfg.frame_skip)))
+                                                         frame_skip=cfg.frame_skip, n_labelled=256)))   # (sample.py's
+    #                                                       contexts: a small corpus, the replay buffer is not kept)
     out = progress.s["seeds"].setdefault(seed, {})                          # kinds finished before a stop
     bar.update(sum(k in out for k in kinds) * (cfg.rounds + 1))
     for kind in (k for k in kinds if k not in out):
@@ -859,11 +860,12 @@ def plot(path, results, env):
             x = np.array(m["env_steps"]).mean(0)
             y = np.array(m["curves"])
             c = next(colors)
-            ax.plot(x, y.mean(0), "o-", color=c, label=f"{name} (mean of {len(y)})")
+            ax.plot(x, y.mean(0), "o-", color=c, label=f"MPC in the learned model, {name.rsplit('_', 1)[1]} imagination "
+                                                       f"(mean of {len(y)} seed{'s' * (len(y) > 1)})")
             ax.fill_between(x, y.min(0), y.max(0), color=c, alpha=0.2)
-    for name, style in (("oracle_mpc", "k--"), ("random", "k:")):
+    for name, style, what in (("oracle_mpc", "--", "MPC in the true simulator"), ("random", ":", "random actions")):
         v = np.array(results["methods"][name]["final"])
-        ax.axhline(v.mean(), linestyle=style[1:], color="k", label=f"{name} ({v.mean():.2f})")
+        ax.axhline(v.mean(), linestyle=style, color="k", label=f"{what} ({v.mean():.2f})")
     ax.set_xlabel("real environment steps")
     ax.set_ylabel("evaluation return")
     ax.set_title(f"{env}: MPC in the learned simulator (band: min to max over seeds)", fontsize=9)
@@ -886,7 +888,7 @@ def bench(cfg, spec, device, why, log):
     act, times = mpc_policy(w, agent.plan_scores, spec, cfg, agent.g)
     for t in tqdm(range(cfg.bench + 1), desc="decisions", disable=None, leave=False):
         act(obs, t)                                                           # scores come back to the CPU: synced
-    log(f"one MPC decision, {cfg.candidates} candidates x horizon {cfg.horizon} x {cfg.cem_iters} CEM iterations: "
+    log(f"one MPC decision in {cfg.env}, {cfg.candidates} candidates x horizon {cfg.horizon} x {cfg.cem_iters} CEM iterations: "
         f"{1000 * np.median(times[1:]):.1f} ms (median of {cfg.bench}) on {why}")
 
 
@@ -926,8 +928,10 @@ def main(cfg):
 
 def study(cfg, spec, device, why, log, kinds):
     """Every seed's learned-model runs (one per imagination kind) and baselines -> results.json, curves.png."""
-    seeds, progress = range(cfg.first_seed, cfg.first_seed + cfg.seeds), Progress(cfg, torch.device(device))
-    log(f"device: {why} | world '{cfg.env}' | imagination {cfg.imagination} | seeds {seeds[0]}..{seeds[-1]} | out {cfg.out}")
+    seeds, progress = range(cfg.first_seed, cfg.first_seed + cfg.seeds), Progress(cfg, torch.device(device), log)
+    start = f"--init_from {cfg.init_from}" if cfg.init_from else f"a new {cfg.backbone}"
+    log(f"device: {why} | world '{cfg.env}' at {cfg.size}x{cfg.size} px | world model: {start} | imagination "
+        f"{cfg.imagination} | seeds {seeds[0]}..{seeds[-1]} | out {cfg.out}")
     methods = {f"model_mpc_{k}": dict(env_steps=[], curves=[], final=[], wall_s=[]) for k in kinds}
     base = dict(random=dict(final=[]), oracle_mpc=dict(final=[], decision_ms=[]))
     bar = tqdm(total=cfg.seeds * len(kinds) * (cfg.rounds + 1), desc="fits", disable=None, dynamic_ncols=True)

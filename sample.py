@@ -243,7 +243,7 @@ def save_gif(path, columns, labels, scale=4, ms=200):
     """Write a GIF: columns is a list of uint8 videos (B, T, S, S, 3), shown side by side, one row per clip."""
     from PIL import Image, ImageDraw
     B, T, S = columns[0].shape[:3]
-    pad, head = 2, 12
+    pad, head = 2, 24                                                      # two lines: the labels, then t
     W = len(columns) * (S * scale + pad) + pad
     Hh = head + B * (S * scale + pad) + pad
     frames = []
@@ -256,7 +256,7 @@ def save_gif(path, columns, labels, scale=4, ms=200):
             for b in range(B):
                 tile = Image.fromarray(col[b, min(t, col.shape[1] - 1)]).resize((S * scale, S * scale), Image.NEAREST)
                 img.paste(tile, (x0, head + pad + b * (S * scale + pad)))
-        d.text((W - 40, 1), f"t={t}", fill=(120, 120, 120))
+        d.text((pad + 2, 12), f"t={t}", fill=(120, 120, 120))
         frames.append(img)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms, loop=0)
 
@@ -269,7 +269,12 @@ def heldout_clips(ck, n, length):
         raise UserError(f"this checkpoint was trained on the folder '{folder}', which is not there: its held-out "
                         f"episodes give the contexts, so put the folder back at that path")
     cfg = DataConfig(**ck["data"])
-    if not folder and not os.path.exists(os.path.join(cache_path(cfg, True), "meta.json")):
+    cached = folder or os.path.exists(os.path.join(cache_path(cfg, True), "meta.json"))
+    if ck.get("stage") == "mbrl":                                        # (mbrl.py keeps no corpus: its own buffer)
+        print(f"note: this world model was trained by mbrl.py on its replay buffer of {source(ck)}, which its checkpoint "
+              f"does not hold: the contexts come from a generated corpus" + ("" if cached else f" (into {cfg.data_dir}/)") +
+              ", episodes the model has not seen")
+    elif not cached:
         print(f"note: the checkpoint's held-out episodes are generated anew into {cfg.data_dir}/ (its corpus is not "
               f"cached here; as it was made, so the same episodes)")
     data = load_corpus(cfg, labelled=True, progress=False)

@@ -144,6 +144,19 @@ def test_episodes_have_the_documented_layout():
     assert np.abs(ep["actions"]).max() <= 1
 
 
+def test_a_corpus_is_cached_by_what_makes_its_episodes():
+    """The labelled corpus's cache does not depend on the action-free corpus's size (nor the other way round), on
+    the held-out fraction, or on where it is cached; it does on its own size and on the world's settings."""
+    from data import cache_path
+    base = DataConfig()
+    for labelled, other, own in ((True, "n_free", "n_labelled"), (False, "n_labelled", "n_free")):
+        name = os.path.basename(cache_path(base, labelled))
+        for change in ({other: 7}, {"heldout": 0.5}, {"data_dir": "elsewhere"}):
+            assert os.path.basename(cache_path(replace(base, **change), labelled)) == name
+        for change in ({own: 7}, {"size": 16}, {"seed": 1}, {"sticky": 0.5}):
+            assert os.path.basename(cache_path(replace(base, **change), labelled)) != name
+
+
 def test_evaluation_clips_are_spread_over_every_held_out_episode():
     """154 held-out episodes, 3 windows each, 96 clips: 96 different episodes from the first to the last, every window
     used; more clips than episodes: every episode, several windows each."""
@@ -975,9 +988,11 @@ def test_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch):
     assert train.parse_args(["--backbone", "ar", "--temperature", "1"]).temperature == 1
     with pytest.raises(UserError, match="--out, --episodes are for --record: add --record ENV"):
         data.main(["--out", str(tmp_path / "rec"), "--episodes", "3"])
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--png", str(tmp_path / "b.png")])
-    with pytest.raises(UserError, match="is where --curves draws: add --curves"):
-        bench.main()
+    for argv, match in ((["--png", str(tmp_path / "b.png")], "is where --curves draws: add --curves"),
+                        (["--profile", "mpc", "--json", str(tmp_path / "b.json")], "--profile .* drop --json")):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        with pytest.raises(UserError, match=match):
+            bench.main()
     assert not os.listdir(tmp_path)
 
 
@@ -1291,6 +1306,11 @@ def test_mbrl_runs_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     s1 = json.load(open(tmp_path / "s1" / "results.json"))                 # seed 1 alone is the second seed of two
     assert s1["seeds"] == [1] and s1["methods"]["model_mpc_prioritized"]["curves"] == [m["curves"][1]]
+    assert "world model: a new dit" in (tmp_path / "s1" / "mbrl.log").read_text()
+    r = run("sample.py", "--ckpt", str(tmp_path / "s1" / "world_model_prioritized_seed1.pt"), "--out", str(tmp_path / "s.gif"),
+            "--n", "1", "--horizon", "2", "--data_dir", str(tmp_path / "dc"))   # its own buffer is gone: said so
+    assert r.returncode == 0 and "trained by mbrl.py on its replay buffer" in r.stdout, r.stderr[-2000:]
+    assert [n.split("-")[1] for n in os.listdir(tmp_path / "dc")] == ["labelled"]
     bad = run("mbrl.py", "--env", "nowhere", "--out", str(tmp_path / "n"))
     assert bad.returncode != 0 and "unknown environment" in bad.stderr and "Traceback" not in bad.stderr
 
