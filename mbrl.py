@@ -739,9 +739,9 @@ def run_seed(cfg, seed, kinds, spec, device, log, bar, progress):
     if cfg.compile:
         log(f"[seed {seed}] the first decisions compile the world model for planning (--compile: about a minute on a "
             f"CPU, then faster decisions; --compile false skips it)")
+    # the replay buffer is not kept: sample.py draws this model's contexts from a small generated corpus (n_labelled)
     desc = dict(config=asdict(cfg), data=asdict(DataConfig(env=cfg.env, size=agent.size, episode_len=cfg.episode_len,
-                                                         frame_skip=cfg.frame_skip, n_labelled=256)))   # (sample.py's
-    #                                                       contexts: a small corpus, the replay buffer is not kept)
+                                                         frame_skip=cfg.frame_skip, n_labelled=256)))
     out = progress.s["seeds"].setdefault(seed, {})                          # kinds finished before a stop
     bar.update(sum(k in out for k in kinds) * (cfg.rounds + 1))
     for kind in (k for k in kinds if k not in out):
