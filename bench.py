@@ -85,21 +85,34 @@ def make_train_step(kind, preset, device, amp, clip_len=None):
     return step, B * T, B * T * bb.n_tok, step_flops(bb, B)
 
 
-def profile(what, step, device, top=8):
-    """Where step() spends its time: the operators with the largest self time, as shares."""
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")                       # the matrix products the profiler counts
+KINDS = {"attention": "scaled_dot_product", "convolutions": "convolution"}     # by name, forward and backward
+
+
+def profile(what, step, device, dtype, top=8):
+    """Where step() spends its time: the operators with the largest self time, as shares; then the time of the
+    matrix products, of attention, convolutions and everything else, the products' FLOP/s against the device's peak."""
     from torch.profiler import ProfilerActivity, profile
     for _ in range(3):
         step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_flops=True) as prof:
         for _ in range(3):
             step()
     ev = prof.key_averages()
     self_t = lambda e: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
     total = sum(self_t(e) for e in ev)
-    print(f"\nwhere {what} spends its time ({device.type}, self time per operator):")
+    print(f"\nwhere {what} spends its time ({device.type}, self time per operator, under the profiler):")
     for e in sorted(ev, key=self_t, reverse=True)[:top]:
         print(f"  {100 * self_t(e) / total:5.1f}%  {e.key}")
+    mm = [e for e in ev if e.key in PRODUCTS]
+    t_mm = sum(self_t(e) for e in mm)
+    kinds = {k: sum(self_t(e) for e in ev if name in e.key) for k, name in KINDS.items()}
+    rate, peak = sum(e.flops for e in mm) / (t_mm * 1e-6), matmul_peak(device, dtype)
+    rest = ", ".join(f"{k} {100 * t / total:.1f}%" for k, t in kinds.items())
+    print(f"matrix products {100 * t_mm / total:.1f}% of the time, at {rate / 1e9:.1f} GFLOP/s, {100 * rate / peak:.0f}% "
+          f"of the peak measured now ({peak / 1e9:.1f}); {rest}; the rest (element-wise work, copies, norms, "
+          f"the optimizer) {100 * (total - t_mm - sum(kinds.values())) / total:.1f}%")
 
 
 def rollout_rates(kind, preset, device, batch, frames=8, caches=(True,), rounds=1):
@@ -251,10 +264,11 @@ def main():
     device, _, why = pick_device(a.device)
     if a.profile == "train":
         preset = "gpu" if device.type == "cuda" else "tiny"
-        step = make_train_step("dit", preset, device, torch.bfloat16 if device.type == "cuda" else None)[0]
-        return profile(f"a dit/{preset} training step", step, device)
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        return profile(f"a dit/{preset} training step", make_train_step("dit", preset, device, amp)[0], device,
+                       amp or torch.float32)
     if a.profile == "mpc":
-        return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device)
+        return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device, torch.float32)
     presets = a.presets.split(",") if a.presets else ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
     if unknown := [n for n in presets if n not in PRESETS]:
         raise UserError(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")

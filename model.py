@@ -128,6 +128,13 @@ def per_token(c, token_frames):
     return torch.index_select(c, 1, token_frames)
 
 
+def per_frame(x, N, scale, shift=None):
+    """x * scale + shift, one (scale, shift) per frame: x (B, F*N, D) tokens laid out frame by frame, scale and shift
+    (B, F, D). Broadcast over each frame's N tokens, never copied to them (cheaper than per_token, forward and back)."""
+    y = x.unflatten(1, (-1, N)) * scale.unsqueeze(2)                              # (B, F, N, D)
+    return (y if shift is None else y + shift.unsqueeze(2)).flatten(1, 2)
+
+
 def timestep_embedding(t, dim):
     """Sinusoidal features of a noise level t in [0, 1]: (...,) -> (..., dim)."""
     half = dim // 2
@@ -193,13 +200,14 @@ class DiTBlock(nn.Module):
         self.ada = nn.Linear(width, 6 * width)
         nn.init.zeros_(self.ada.weight); nn.init.zeros_(self.ada.bias)  # adaLN-Zero: the block starts as the identity
 
-    def forward(self, x, c, frames, mask, past=None, keep=None, q_from=0):
-        # x (B, L, D); c (B, T, D) each frame's noise-level embedding; frames (L,) each token's frame; past, keep,
-        # q_from: Attention (the tokens before q_from are keys and values only) -> (B, L - q_from, D)
-        sh1, sc1, *rest = per_token(self.ada(F.silu(c)), frames).chunk(6, -1)   # 6 x (B, L, D)
-        g1, sh2, sc2, g2 = (r[:, q_from:] for r in rest)                          # 4 x (B, L - q_from, D)
-        x = x[:, q_from:] + g1 * self.attn(self.attn_norm(x) * (1 + sc1) + sh1, mask, past, keep, q_from)
-        return x + g2 * self.ffn(self.ffn_norm(x) * (1 + sc2) + sh2)
+    def forward(self, x, c, N, mask, past=None, keep=None, q_from=0):
+        # x (B, F*N, D) the tokens of F frames, N a frame; c (B, F, D) those frames' noise-level embeddings; past, keep,
+        # q_from: Attention (the tokens before q_from are keys and values only) -> (B, F*N - q_from, D)
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, -1)          # 6 x (B, F, D), one per frame
+        g1, sh2, sc2, g2 = (r[:, q_from // N:] for r in (g1, sh2, sc2, g2))    # the frames that ask
+        y = self.attn(per_frame(self.attn_norm(x), N, 1 + sc1, sh1), mask, past, keep, q_from)   # (B, L - q_from, D)
+        x = x[:, q_from:] + per_frame(y, N, g1)
+        return x + per_frame(self.ffn(per_frame(self.ffn_norm(x), N, 1 + sc2, sh2)), N, g2)
 
 
 class DiT(nn.Module):
@@ -258,7 +266,7 @@ class DiT(nn.Module):
         self.token_frames = frames                                           # set first: hooks on embed read it
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)[:, f0:]  # frame i-1 beside frame i
         h = self.embed(x[:, f0:], prev)                                      # (B, L, D), L = (T - f0) N
-        h = h + self.pos_space.repeat(T - f0, 1) + self.pos_time.index_select(0, frames)
+        h = h + (self.pos_time[f0:T, None] + self.pos_space).flatten(0, 1)   # (L, D): each token's frame and place
         c = self.t_embed(timestep_embedding(tau, self.cfg.width))            # (B, T, D)
         keys = torch.arange(T, device=x.device).repeat_interleave(N)         # (T N,) the frame of every key
         mask = frames[:, None] >= keys[None, :]                              # (L, T N) causal across frames
@@ -266,11 +274,11 @@ class DiT(nn.Module):
         q_from = [0] * (len(self.blocks) - 1) + [(T - f0 - n_out) * N]        # the final block asks for the outputs only
         for blk, past, q in zip(self.blocks, pasts, q_from):
             self.token_frames = frames[q:]                                   # the tokens the block's hooks see outputs of
-            h = blk(h, c, frames, mask[q:], past, None if keep is None else keep * N, q)
+            h = blk(h, c[:, f0:], N, mask[q:], past, None if keep is None else keep * N, q)
         if cache is not None:
             cache["frames"] = T if keep is None else f0 + keep
-        sh, sc = per_token(self.out_ada(F.silu(c)), frames[-n_out * N:]).chunk(2, -1)
-        return prev[:, -n_out:] + self.unpatchify(self.out(self.out_norm(h) * (1 + sc) + sh), n_out)
+        sh, sc = self.out_ada(F.silu(c[:, T - n_out:])).chunk(2, -1)          # (B, n_out, D) each
+        return prev[:, -n_out:] + self.unpatchify(self.out(per_frame(self.out_norm(h), N, 1 + sc, sh)), n_out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,8 +515,9 @@ def forward_flops(backbone, T, last=None):
     if isinstance(backbone, DiT):
         k = c.patch + 2 * c.margin
         embed = 2 * L * (2 * c.channels * k * k) * D                          # the causal space-time patch convolution
-        per_frame = T * (2 * 2 * D * D + c.depth * 2 * D * 6 * D + 2 * D * 2 * D)   # t_embed, adaLN per block, out_ada
-        return embed + blocks + per_frame + 2 * L_out * D * c.channels * c.patch ** 2
+        T_out = L_out // N
+        cond = T * (2 * 2 * D * D + c.depth * 2 * D * 6 * D) + T_out * 2 * D * 2 * D   # t_embed, adaLN per block, out_ada
+        return embed + blocks + cond + 2 * L_out * D * c.channels * c.patch ** 2
     return blocks + 2 * L * D * c.codes                                         # the GPT: token tables are lookups
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from envs import UserError, WORLDS, keys_for, locate_agent, make_env
 from data import DataConfig, generate_episodes, play_episodes
-from model import ARConfig, DiT, DiTConfig, VideoGPT, pick_device
+from model import ARConfig, DiT, DiTConfig, VideoGPT, per_frame, per_token, pick_device
 from adapter import WorldModel
 from loss import LOSSES, flow_matching_loss, flow_matching_noise, motion_weights
 from sample import read_checkpoint, rollout
@@ -261,6 +261,18 @@ def test_kv_cache_gives_the_logits_of_a_full_forward_pass():
     r1 = rollout(m, x, acts, temperature=1.0, generator=g())
     r2 = rollout(m, x, acts, temperature=1.0, generator=g(), use_cache=False)
     assert r1.shape == (2, 5, 3, 16, 16) and torch.equal(r1, r2)       # same samples with and without the cache
+
+
+def test_per_frame_modulation_equals_the_gathered_one():
+    """The DiT's adaLN broadcasts each frame's (scale, shift) over its tokens instead of copying them to every
+    token (per_token): the same values, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    x, scale, shift = (torch.randn(*s, generator=g, requires_grad=True) for s in ((2, 3 * 5, 4), (2, 3, 4), (2, 3, 4)))
+    frames = torch.arange(3).repeat_interleave(5)                        # 3 frames of 5 tokens each
+    fast, gathered = per_frame(x, 5, scale, shift), x * per_token(scale, frames) + per_token(shift, frames)
+    assert torch.allclose(fast, gathered, atol=1e-6) and torch.equal(per_frame(x, 5, scale), x * per_token(scale, frames))
+    grads = [torch.autograd.grad(y.square().sum(), (x, scale, shift)) for y in (fast, gathered)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
 
 
 @pytest.mark.parametrize("clip_len", [2, 3])
