@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -505,8 +506,9 @@ def main(argv=None):
                                 "FILE.gif rolls the behaviour policy; --record ENV --out DIR writes episodes for "
                                 "train.py --data.", epilog=__doc__.split("\n\n", 3)[3],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--list", action="store_true", help="print the built-in worlds, then the Procgen games if procgen2 "
-                   "is installed, one per line (gym: takes any gymnasium id)")
+    p.add_argument("--list", nargs="?", const="worlds", choices=("worlds", "games"),
+                   help="print the built-in worlds (--list games: the Procgen games, if procgen2 is installed), one "
+                   "per line, nothing else on stdout (gym: takes any gymnasium id)")
     p.add_argument("--env", default="coin", help="coin, pusher, gym:<id>, procgen:<game>")
     p.add_argument("--size", type=positive, default=None, help="frame size (default: 32 for built-in worlds, 64 for games)")
     p.add_argument("--preview", default="", help="write a GIF of a few episodes of the behaviour policy")
@@ -520,13 +522,11 @@ def main(argv=None):
                    "(0: the game's default, 2 for CartPole's 50 steps a second, 1 for Atari v5, 4 for NoFrameskip-v4)")
     p.add_argument("--seed", type=natural, default=0, help="--record, --preview: the seed of the episodes (worlds and actions)")
     a = p.parse_args(argv)
+    if a.list == "games":
+        return print("\n".join(f"procgen:{g}" for g in need("procgen.env", "procgen").ENV_NAMES))
     if a.list:
         print("\n".join(WORLDS))
-        try:
-            print("\n".join(f"procgen:{g}" for g in need("procgen.env", "procgen").ENV_NAMES))
-        except UserError:
-            pass
-        return
+        return print("(the Procgen games: python data.py --list games; any gymnasium id runs as gym:<id>)", file=sys.stderr)
     idle = [f"--{k}" for k in ("out", "episodes", "frames_only", "sticky") if getattr(a, k) != p.get_default(k)]
     if idle and not a.record:
         raise UserError(f"{', '.join(idle)} {'is' if len(idle) == 1 else 'are'} for --record: add --record ENV, or drop "
