@@ -3,7 +3,8 @@
     python bench.py                  # the table for the tiny and games presets (gpu too on CUDA); JSON in bench.json
     python bench.py --curves         # also cost curves as PNG: training cost against clip length, rollout ms per
                                      # frame against its position (with and without caching), MPC time against candidates
-    python bench.py --profile train  # only where one DiT training step spends its time, operator by operator
+    python bench.py --profile train  # only where one DiT training step spends its time: the top operators, then
+                                     # matrix products (their FLOP/s against the peak), attention, convolutions, the rest
     python bench.py --profile mpc    # ... or one MPC decision at the mbrl.py defaults
 
 Every rate is set against a peak measured in the same run, on the same device, in the same dtype: a large matmul
@@ -85,13 +86,14 @@ def make_train_step(kind, preset, device, amp, clip_len=None):
     return step, B * T, B * T * bb.n_tok, step_flops(bb, B)
 
 
-PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")                       # the matrix products the profiler counts
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")    # the matrix products the profiler counts
 KINDS = {"attention": "scaled_dot_product", "convolutions": "convolution"}     # by name, forward and backward
 
 
 def profile(what, step, device, dtype, top=8):
     """Where step() spends its time: the operators with the largest self time, as shares; then the time of the
     matrix products, of attention, convolutions and everything else, the products' FLOP/s against the device's peak."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     for _ in range(3):
         step()
@@ -99,7 +101,7 @@ def profile(what, step, device, dtype, top=8):
     with profile(activities=acts, with_flops=True) as prof:
         for _ in range(3):
             step()
-    ev = prof.key_averages()
+    ev = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]   # operators (on CUDA: not their kernels too)
     self_t = lambda e: e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
     total = sum(self_t(e) for e in ev)
     print(f"\nwhere {what} spends its time ({device.type}, self time per operator, under the profiler):")
@@ -108,11 +110,11 @@ def profile(what, step, device, dtype, top=8):
     mm = [e for e in ev if e.key in PRODUCTS]
     t_mm = sum(self_t(e) for e in mm)
     kinds = {k: sum(self_t(e) for e in ev if name in e.key) for k, name in KINDS.items()}
-    rate, peak = sum(e.flops for e in mm) / (t_mm * 1e-6), matmul_peak(device, dtype)
+    rate, peak = sum(e.flops for e in mm) / max(t_mm * 1e-6, 1e-9), matmul_peak(device, dtype)
     rest = ", ".join(f"{k} {100 * t / total:.1f}%" for k, t in kinds.items())
     print(f"matrix products {100 * t_mm / total:.1f}% of the time, at {rate / 1e9:.1f} GFLOP/s, {100 * rate / peak:.0f}% "
-          f"of the peak measured now ({peak / 1e9:.1f}); {rest}; the rest (element-wise work, copies, norms, "
-          f"the optimizer) {100 * (total - t_mm - sum(kinds.values())) / total:.1f}%")
+          f"of the peak measured now ({peak / 1e9:.1f}); {rest}; everything else (element-wise work, copies, norms, "
+          f"the optimizer, dispatch) {100 * (total - t_mm - sum(kinds.values())) / total:.1f}%")
 
 
 def rollout_rates(kind, preset, device, batch, frames=8, caches=(True,), rounds=1):
@@ -250,7 +252,8 @@ def main():
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--curves", action="store_true", help="also draw the cost curves into --png")
     p.add_argument("--profile", choices=["train", "mpc"], help="only profile one DiT training step of the CPU preset "
-                   "(the GPU preset on CUDA), or one MPC decision at the mbrl.py defaults: the top operators")
+                   "(the GPU preset on CUDA), or one MPC decision at the mbrl.py defaults: the top operators, then the time of "
+                   "matrix products (their FLOP/s against the peak), attention, convolutions and the rest")
     p.add_argument("--json", help="where the table goes as JSON (default: bench.json)")
     p.add_argument("--png", help="where --curves draws (default: bench.png)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -268,7 +271,8 @@ def main():
         return profile(f"a dit/{preset} training step", make_train_step("dit", preset, device, amp)[0], device,
                        amp or torch.float32)
     if a.profile == "mpc":
-        return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device, torch.float32)
+        return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device,   # bf16 on CUDA
+                       torch.bfloat16 if device.type == "cuda" else torch.float32)
     presets = a.presets.split(",") if a.presets else ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
     if unknown := [n for n in presets if n not in PRESETS]:
         raise UserError(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")

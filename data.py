@@ -523,10 +523,12 @@ def main(argv=None):
     p.add_argument("--seed", type=natural, default=0, help="--record, --preview: the seed of the episodes (worlds and actions)")
     a = p.parse_args(argv)
     if a.list == "games":
-        return print("\n".join(f"procgen:{g}" for g in need("procgen.env", "procgen").ENV_NAMES))
+        print("\n".join(f"procgen:{g}" for g in need("procgen.env", "procgen").ENV_NAMES))
+        return
     if a.list:
         print("\n".join(WORLDS))
-        return print("(the Procgen games: python data.py --list games; any gymnasium id runs as gym:<id>)", file=sys.stderr)
+        print("(the Procgen games: python data.py --list games; any gymnasium id runs as gym:<id>)", file=sys.stderr)
+        return
     idle = [f"--{k}" for k in ("out", "episodes", "frames_only", "sticky") if getattr(a, k) != p.get_default(k)]
     if idle and not a.record:
         raise UserError(f"{', '.join(idle)} {'is' if len(idle) == 1 else 'are'} for --record: add --record ENV, or drop "

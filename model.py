@@ -123,15 +123,17 @@ class DiTConfig:
 
 
 def per_token(c, token_frames):
-    """Broadcast per-frame vectors to tokens: c (B, T, K), token_frames (L,) -> (B, L, K).
-    (index_select: its backward is several times faster on a CPU than c[:, token_frames].)"""
+    """Broadcast per-frame vectors to tokens: c (B, T, K), token_frames (L,) -> (B, L, K), whatever the backbone's
+    token layout (the adapter's broadcast). (index_select: its backward is several times faster on a CPU than
+    c[:, token_frames].)"""
     return torch.index_select(c, 1, token_frames)
 
 
 def per_frame(x, N, scale, shift=None):
-    """x * scale + shift, one (scale, shift) per frame: x (B, F*N, D) tokens laid out frame by frame, scale and shift
-    (B, F, D). Broadcast over each frame's N tokens, never copied to them (cheaper than per_token, forward and back)."""
-    y = x.unflatten(1, (-1, N)) * scale.unsqueeze(2)                              # (B, F, N, D)
+    """x * scale + shift, one (scale, shift) per frame: x (B, n*N, D) the tokens of n frames laid out frame by frame,
+    N a frame; scale and shift (B, n, D). Broadcast over each frame's tokens, never copied to them (the DiT's own
+    layout; cheaper than per_token, forward and back)."""
+    y = x.unflatten(1, (-1, N)) * scale.unsqueeze(2)                              # (B, n, N, D)
     return (y if shift is None else y + shift.unsqueeze(2)).flatten(1, 2)
 
 
@@ -201,11 +203,11 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada.weight); nn.init.zeros_(self.ada.bias)  # adaLN-Zero: the block starts as the identity
 
     def forward(self, x, c, N, mask, past=None, keep=None, q_from=0):
-        # x (B, F*N, D) the tokens of F frames, N a frame; c (B, F, D) those frames' noise-level embeddings; past, keep,
-        # q_from: Attention (the tokens before q_from are keys and values only) -> (B, F*N - q_from, D)
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, -1)          # 6 x (B, F, D), one per frame
+        # x (B, n*N, D) the tokens of n frames, N a frame; c (B, n, D) those frames' noise-level embeddings; past, keep,
+        # q_from: Attention (the tokens before q_from are keys and values only) -> (B, n*N - q_from, D)
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, -1)          # 6 x (B, n, D), one per frame
         g1, sh2, sc2, g2 = (r[:, q_from // N:] for r in (g1, sh2, sc2, g2))    # the frames that ask
-        y = self.attn(per_frame(self.attn_norm(x), N, 1 + sc1, sh1), mask, past, keep, q_from)   # (B, L - q_from, D)
+        y = self.attn(per_frame(self.attn_norm(x), N, 1 + sc1, sh1), mask, past, keep, q_from)   # (B, n*N - q_from, D)
         x = x[:, q_from:] + per_frame(y, N, g1)
         return x + per_frame(self.ffn(per_frame(self.ffn_norm(x), N, 1 + sc2, sh2)), N, g2)
 
@@ -267,17 +269,17 @@ class DiT(nn.Module):
         prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)[:, f0:]  # frame i-1 beside frame i
         h = self.embed(x[:, f0:], prev)                                      # (B, L, D), L = (T - f0) N
         h = h + (self.pos_time[f0:T, None] + self.pos_space).flatten(0, 1)   # (L, D): each token's frame and place
-        c = self.t_embed(timestep_embedding(tau, self.cfg.width))            # (B, T, D)
+        c = self.t_embed(timestep_embedding(tau[:, f0:], self.cfg.width))    # (B, T - f0, D): the computed frames
         keys = torch.arange(T, device=x.device).repeat_interleave(N)         # (T N,) the frame of every key
         mask = frames[:, None] >= keys[None, :]                              # (L, T N) causal across frames
         pasts = cache["layers"] if cache is not None else [None] * len(self.blocks)
         q_from = [0] * (len(self.blocks) - 1) + [(T - f0 - n_out) * N]        # the final block asks for the outputs only
         for blk, past, q in zip(self.blocks, pasts, q_from):
             self.token_frames = frames[q:]                                   # the tokens the block's hooks see outputs of
-            h = blk(h, c[:, f0:], N, mask[q:], past, None if keep is None else keep * N, q)
+            h = blk(h, c, N, mask[q:], past, None if keep is None else keep * N, q)
         if cache is not None:
             cache["frames"] = T if keep is None else f0 + keep
-        sh, sc = self.out_ada(F.silu(c[:, T - n_out:])).chunk(2, -1)          # (B, n_out, D) each
+        sh, sc = self.out_ada(F.silu(c[:, -n_out:])).chunk(2, -1)            # (B, n_out, D) each
         return prev[:, -n_out:] + self.unpatchify(self.out(per_frame(self.out_norm(h), N, 1 + sc, sh)), n_out)
 
 

@@ -121,7 +121,7 @@ class TrainConfig:
 PRESETS = {   # shared fields, then each backbone's own
     "tiny": dict(size=32, width=128, depth=4, heads=4, clip_len=2, batch_size=32, lr=1e-3, n_free=1024, n_labelled=1536,
                  episode_len=32, motion_weight=0.0, distance="mse",
-                 dit=dict(patch=4, margin=4, pretrain_iters=1000, finetune_iters=2000, expect="12-20 min on a 2-core CPU"),
+                 dit=dict(patch=4, margin=4, pretrain_iters=1000, finetune_iters=2000, expect="8-20 min on a 2-core CPU"),
                  ar=dict(down=2, codes=512, reach=1, tokenizer_iters=2000, pretrain_iters=800, finetune_iters=3000,
                          temperature=0.0, top_k=0, expect="15-30 min on a 2-core CPU")),
     "games": dict(size=64, width=128, depth=4, heads=4, clip_len=3, batch_size=32, lr=1e-3, n_free=512, n_labelled=768,
