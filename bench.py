@@ -32,8 +32,8 @@ from mbrl import Agent, MBRLConfig, mpc_policy
 SPEC = make_env("coin").spec                                                # discrete actions, 5 of them
 
 
-def timed(fn, device, repeat, warmup=2):
-    """Median seconds of fn() over `repeat` calls after `warmup` calls, the device synchronised around each."""
+def timed(fn, device, repeat, warmup=2, stat=np.median):
+    """Median (or `stat`) seconds of fn() over `repeat` calls after `warmup` calls, the device synchronised around each."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -41,14 +41,15 @@ def timed(fn, device, repeat, warmup=2):
     for _ in range(repeat):
         sync(); t = time.perf_counter(); fn(); sync()
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(stat(times))
 
 
 def matmul_peak(device, dtype):
-    """FLOP/s of a large square matmul: what this device reaches on the work it does best."""
+    """FLOP/s of a large square matmul: what this device reaches on the work it does best (the fastest of 10 calls:
+    a shared machine's slow moments are not its peak)."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / timed(lambda: a @ b, device, repeat=5)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeat=10, stat=min)
 
 
 def preset_model(kind, preset, device, clip_len=None):
@@ -90,7 +91,7 @@ PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")    # the ma
 KINDS = {"attention": "scaled_dot_product", "convolutions": "convolution"}     # by name, forward and backward
 
 
-def profile(what, step, device, dtype, top=8):
+def profile(what, step, device, dtype, rest_is="element-wise work, copies, norms, dispatch", top=8):
     """Where step() spends its time: the operators with the largest self time, as shares; then the time of the
     matrix products, of attention, convolutions and everything else, the products' FLOP/s against the device's peak."""
     from torch.autograd import DeviceType
@@ -113,8 +114,8 @@ def profile(what, step, device, dtype, top=8):
     rate, peak = sum(e.flops for e in mm) / max(t_mm * 1e-6, 1e-9), matmul_peak(device, dtype)
     rest = ", ".join(f"{k} {100 * t / total:.1f}%" for k, t in kinds.items())
     print(f"matrix products {100 * t_mm / total:.1f}% of the time, at {rate / 1e9:.1f} GFLOP/s, {100 * rate / peak:.0f}% "
-          f"of the peak measured now ({peak / 1e9:.1f}); {rest}; everything else (element-wise work, copies, norms, "
-          f"the optimizer, dispatch) {100 * (total - t_mm - sum(kinds.values())) / total:.1f}%")
+          f"of the peak measured now ({peak / 1e9:.1f}); {rest}; everything else ({rest_is}) "
+          f"{100 * (total - t_mm - sum(kinds.values())) / total:.1f}%")
 
 
 def rollout_rates(kind, preset, device, batch, frames=8, caches=(True,), rounds=1):
@@ -163,7 +164,7 @@ def table(device, why, presets, save):
     amp = torch.bfloat16 if device.type == "cuda" else None
     peak = matmul_peak(device, amp or torch.float32)
     nominal, nominal_name = peak_flops(device)
-    rows = dict(device=why, matmul_peak_gflops=round(peak / 1e9, 1), nominal=nominal_name, runs={})
+    rows = dict(device=why, matmul_peak_gflops=round(peak / 1e9, 1), nominal=nominal_name, finished=False, runs={})
     rows["mpc_ms_default"] = round(1000 * mpc_decision(device, 32, 5), 1); save(rows)
     rows["mpc_ms_256x8"] = round(1000 * mpc_decision(device, 256, 8, repeat=2), 1); save(rows)
     print(f"  one MPC decision: {rows['mpc_ms_default']} ms (32 x 5), {rows['mpc_ms_256x8']} ms (256 x 8)", flush=True)
@@ -172,6 +173,7 @@ def table(device, why, presets, save):
             rows["runs"][f"{kind}/{preset}"] = r = preset_rates(kind, preset, device, amp, peak, nominal)
             rows["peak_memory_mb"] = round(peak_memory(device), 1); save(rows)
             print(f"  {kind}/{preset}: {r}", flush=True)
+    rows["finished"] = True; save(rows)                                # a stopped run's JSON keeps finished: false
     return rows
 
 
@@ -269,10 +271,11 @@ def main():
         preset = "gpu" if device.type == "cuda" else "tiny"
         amp = torch.bfloat16 if device.type == "cuda" else None
         return profile(f"a dit/{preset} training step", make_train_step("dit", preset, device, amp)[0], device,
-                       amp or torch.float32)
+                       amp or torch.float32, "element-wise work, copies, norms, the optimizer, dispatch")
     if a.profile == "mpc":
         return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device,   # bf16 on CUDA
-                       torch.bfloat16 if device.type == "cuda" else torch.float32)
+                       torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       "element-wise work, copies, norms, the compiled graph's own kernels, the tree's Python, dispatch")
     presets = a.presets.split(",") if a.presets else ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
     if unknown := [n for n in presets if n not in PRESETS]:
         raise UserError(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")

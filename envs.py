@@ -107,8 +107,18 @@ def check_out_file(path, flag, ext):
     """A file a run will write, checked before the work that fills it: its kind, and a folder to put it in."""
     if not path.lower().endswith(ext):
         raise UserError(f"{flag} should name a {ext} file; got '{path}'")
-    if os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
-        raise UserError(f"{flag} {path}: no folder '{os.path.dirname(path)}' to write into: create it first")
+    folder = os.path.dirname(path) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: '{folder}' is a file, not a folder: name a file in a folder")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: no folder '{folder}' to write into: create it first")
+    existed = os.path.exists(path)
+    try:                                                  # a probe: opened for appending, so nothing in it is lost
+        open(path, "a").close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot be written ({e.strerror}): name a file in a folder of yours") from None
+    if not existed:
+        os.remove(path)
 
 
 @contextlib.contextmanager
@@ -612,7 +622,8 @@ class ProcgenEnv(Env):
         self.procgen = need("procgen", f"procgen:{game}")
         games = need("procgen.env", f"procgen:{game}").ENV_NAMES
         if game not in games:                                     # procgen itself aborts the process on one
-            raise UserError(f"procgen:{game} is not a Procgen game: choose one of {', '.join(games)}")
+            raise UserError(f"procgen:{game} is not a Procgen game: choose one of "
+                            f"{', '.join('procgen:' + g for g in games)}")
         self.game, self.name, self.seed, self.base, self.resets = game, f"procgen:{game}", seed, int(seed), 0
         self.env = self._make(num, seed)
         self.n_actions = self.env.ac_space.eltype.n

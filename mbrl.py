@@ -907,8 +907,10 @@ def main(cfg):
     kinds = {"prioritized": ["prioritized"], "uniform": ["uniform"], "both": ["prioritized", "uniform"]}
     if cfg.imagination not in kinds:
         raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
+    if cfg.bench:                                                         # a timing: nothing is trained or written
+        return bench(cfg, world.spec, *pick_device(cfg.device)[::2], tqdm.write)
     check_folder(cfg.out, "--out", "results.json, curves.png and the log")
-    if not cfg.bench and os.path.exists(os.path.join(cfg.out, "results.json")):
+    if os.path.exists(os.path.join(cfg.out, "results.json")):
         raise UserError(f"{cfg.out} already holds a finished run (results.json)" + (": there is nothing to resume" if
                         cfg.resume else "") + ": pass another --out or delete it")
     device, _, why = pick_device(cfg.device)
@@ -920,8 +922,6 @@ def main(cfg):
         if echo:                                      # (a stop's message reaches the terminal once, on exit)
             tqdm.write(msg)
         logf.write(msg + "\n"); logf.flush()
-    if cfg.bench:
-        return bench(cfg, spec, device, why, log)
     with claimed(cfg.out):                                                # one run writes to a folder at a time
         return study(cfg, spec, device, why, log, kinds[cfg.imagination])
 

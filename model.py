@@ -50,7 +50,7 @@ def pick_device(name="auto"):
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is visible: use --device cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         return dev, torch.bfloat16, f"{torch.cuda.get_device_name(dev)}: bf16 autocast"

@@ -1009,6 +1009,33 @@ def test_flags_that_would_do_nothing_are_refused(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path)
 
 
+def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """check_out_file probes the file before the work that fills it: a file where a folder should be, a missing
+    folder, a folder this process may not write; an existing file is probed without losing a byte."""
+    from envs import check_out_file
+    (tmp_path / "f").write_text("x")
+    for path, match in ((tmp_path / "f" / "b.json", "is a file, not a folder"), (tmp_path / "no" / "b.json", "no folder")):
+        with pytest.raises(UserError, match=match):
+            check_out_file(str(path), "--json", ".json")
+    if os.geteuid() != 0:                                      # root may write anywhere
+        ro = tmp_path / "ro"; ro.mkdir(); ro.chmod(0o500)
+        with pytest.raises(UserError, match="cannot be written"):
+            check_out_file(str(ro / "b.json"), "--json", ".json")
+        ro.chmod(0o700)
+    (tmp_path / "keep.json").write_text("{}")
+    check_out_file(str(tmp_path / "keep.json"), "--json", ".json")
+    check_out_file(str(tmp_path / "new.json"), "--json", ".json")
+    assert (tmp_path / "keep.json").read_text() == "{}" and not (tmp_path / "new.json").exists()
+
+
+def test_mbrl_bench_times_decisions_and_writes_nothing(tmp_path):
+    """mbrl.py --bench N only times N decisions: it prints the line scripts read and makes no --out folder."""
+    r = run(os.path.join(HERE, "mbrl.py"), "--bench", "1", "--compile", "false", "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"one MPC decision in coin, .*: [0-9.]+ ms \(median of 1\)", r.stdout + r.stderr)
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc (Linux)")
 def test_a_killed_process_not_yet_reaped_holds_no_folder(tmp_path):
     """A zombie (killed, its parent not yet waiting for it) runs no more: a folder it marked is free (claimed)."""
