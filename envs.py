@@ -687,5 +687,6 @@ def make_env(name, num=1, size=32, max_steps=32, seed=0, frame_skip=0):
     if name not in WORLDS:
         near = difflib.get_close_matches(name, WORLDS, n=1)
         raise UserError(f"unknown environment '{name}': " + (f"did you mean '{near[0]}'? " if near else "") +
-                        f"choose one of {', '.join(WORLDS)}, gym:<gymnasium id> or procgen:<game> (python data.py --list; --list games)")
+                        f"choose one of {', '.join(WORLDS)}, gym:<gymnasium id> or procgen:<game> "
+                        f"(python data.py --list; --list games)")
     return WORLDS[name](num=num, size=size, max_steps=max_steps, seed=seed)

@@ -127,8 +127,8 @@ class MBRLConfig:
     plan_steps: int = opt(1, "dit: Euler steps per imagined frame (x-prediction: 1 is the model's mean frame)", AT_LEAST_1)
     eval_episodes: int = opt(16, "evaluation episodes (the same start states for every method)", AT_LEAST_1)
     eval_every: int = opt(4, "evaluate after the first fit, every this many rounds, and at the end (1: every round)", AT_LEAST_1)
-    bench: int = opt(0, "N > 0: only time N MPC decisions for one world in the learned model (untrained weights) "
-                        "at --candidates x --horizon, print the median and exit", AT_LEAST_0)
+    bench: int = opt(0, "N > 0: only time N MPC decisions for one world in a world model of untrained weights (the "
+                        "cost does not depend on them) at --candidates x --horizon, print the median, write nothing", AT_LEAST_0)
 
     def __post_init__(self):
         """The frame size and context that depend on the environment (or on the --init_from checkpoint)."""
@@ -908,7 +908,8 @@ def main(cfg):
     if cfg.imagination not in kinds:
         raise UserError(f"unknown --imagination '{cfg.imagination}': choose prioritized, uniform or both")
     if cfg.bench:                                                         # a timing: nothing is trained or written
-        return bench(cfg, world.spec, *pick_device(cfg.device)[::2], tqdm.write)
+        device, _, why = pick_device(cfg.device)
+        return bench(cfg, world.spec, device, why, tqdm.write)
     check_folder(cfg.out, "--out", "results.json, curves.png and the log")
     if os.path.exists(os.path.join(cfg.out, "results.json")):
         raise UserError(f"{cfg.out} already holds a finished run (results.json)" + (": there is nothing to resume" if
