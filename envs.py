@@ -108,8 +108,7 @@ def check_out_file(path, flag, ext):
     if not path.lower().endswith(ext):
         raise UserError(f"{flag} should name a {ext} file; got '{path}'")
     folder = os.path.dirname(path) or "."
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: '{folder}' is a file, not a folder: name a file in a folder")
+    check_folder(folder, flag, f"the {ext} file")
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: no folder '{folder}' to write into: create it first")
     existed = os.path.exists(path)

@@ -1014,7 +1014,7 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_any_work(tmp_pa
     folder, a folder this process may not write; an existing file is probed without losing a byte."""
     from envs import check_out_file
     (tmp_path / "f").write_text("x")
-    for path, match in ((tmp_path / "f" / "b.json", "is a file, not a folder"), (tmp_path / "no" / "b.json", "no folder")):
+    for path, match in ((tmp_path / "f" / "b.json", "f is a file: pass a folder"), (tmp_path / "no" / "b.json", "no folder")):
         with pytest.raises(UserError, match=match):
             check_out_file(str(path), "--json", ".json")
     if os.geteuid() != 0:                                      # root may write anywhere
