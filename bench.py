@@ -91,7 +91,7 @@ PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")    # the ma
 KINDS = {"attention": "scaled_dot_product", "convolutions": "convolution"}     # by name, forward and backward
 
 
-def profile(what, step, device, dtype, rest_is="element-wise work, copies, norms, dispatch", top=8):
+def profile(what, step, device, dtype, rest_is, top=8):
     """Where step() spends its time: the operators with the largest self time, as shares; then the time of the
     matrix products, of attention, convolutions and everything else, the products' FLOP/s against the device's peak."""
     from torch.autograd import DeviceType
@@ -267,14 +267,13 @@ def main():
         raise UserError(f"--profile prints one profile and measures no table: drop {', '.join(idle)}")
     a.png, a.json = a.png or "bench.png", a.json or "bench.json"
     device, _, why = pick_device(a.device)
+    amp = torch.bfloat16 if device.type == "cuda" else None                 # the training step's and planner's dtype
     if a.profile == "train":
         preset = "gpu" if device.type == "cuda" else "tiny"
-        amp = torch.bfloat16 if device.type == "cuda" else None
         return profile(f"a dit/{preset} training step", make_train_step("dit", preset, device, amp)[0], device,
                        amp or torch.float32, "element-wise work, copies, norms, the optimizer, dispatch")
     if a.profile == "mpc":
-        return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device,   # bf16 on CUDA
-                       torch.bfloat16 if device.type == "cuda" else torch.float32,
+        return profile("one MPC decision (coin, mbrl.py defaults)", make_decision(device), device, amp or torch.float32,
                        "element-wise work, copies, norms, the compiled graph's own kernels, the tree's Python, dispatch")
     presets = a.presets.split(",") if a.presets else ["tiny", "games"] + (["gpu"] if device.type == "cuda" else [])
     if unknown := [n for n in presets if n not in PRESETS]:
